@@ -1,0 +1,354 @@
+"""Outcome collection: what every (budget, mode) action costs and scores on every query.
+
+``collect`` reasons once per (query, mode) at the largest budget and branches the
+forced answer off the cached prefix at every budget (see :mod:`tokenopt.lm.decoding`).
+It writes, under ``--out``:
+
+- ``manifest.json``: schema version, backend and model, the settings, the action
+  table and, once done, the row count and the skipped queries;
+- ``queries.parquet``: one row per query (id, split, question, answers, prompt
+  tokens, and the extra fields of its line);
+- ``features.parquet``: one row per query with its feature vector (the feature spec
+  is in the file's metadata and in the manifest);
+- ``outcomes/part-NNNNN.parquet``: one row per query x budget x mode, written shard
+  by shard with atomic renames, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tokenopt.actions import build_action_table, parse_budgets, parse_modes
+from tokenopt.data import Query, load_questions
+from tokenopt.features import PromptFeatures
+from tokenopt.metrics import exact_match
+
+__all__ = ["OUTCOME_SCHEMA", "SCHEMA_VERSION", "CollectConfig", "CollectSummary", "collect"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Version of the outcome table's schema; bumped on any incompatible change."""
+
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("action", pa.string()),
+        ("budget", pa.int32()),
+        ("mode", pa.string()),
+        ("answer", pa.string()),
+        ("em", pa.bool_()),
+        ("reasoning_tokens", pa.int32()),
+        ("cue_tokens", pa.int32()),
+        ("answer_tokens", pa.int32()),
+        ("prompt_tokens", pa.int32()),
+        ("billed_tokens", pa.int32()),
+        ("latency_ms", pa.float32()),
+        ("confidence", pa.float32()),
+        ("answer_logprob", pa.float32()),
+        ("natural_stop", pa.bool_()),
+        ("n_sequences", pa.int16()),
+    ],
+    metadata={"tokenopt.schema_version": str(SCHEMA_VERSION)},
+)
+"""The outcome table's columns (documented in the README)."""
+
+
+@dataclass
+class CollectConfig:
+    """Settings of ``tokenopt collect``; every default suits the demo LM."""
+
+    out: str = "runs/collect"
+    """Output folder."""
+    data: str | None = None
+    """Question file (JSONL); None collects the embedded demo suite."""
+    model: str | None = None
+    """Local model folder or hub id; None uses the embedded demo LM."""
+    budgets: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
+    """Reasoning budgets of the action table, increasing."""
+    modes: list[str] = field(default_factory=lambda: ["greedy", "sc5", "beam3"])
+    """Decoding modes of the action table."""
+    prompt_template: str = "{question}"
+    """Prompt template with a {question} placeholder."""
+    answer_cue: str = "="
+    """Appended when the budget runs out (budget forcing)."""
+    answer_regex: str | None = None
+    """Regex that extracts the answer from the text after the cue."""
+    max_answer_tokens: int = 8
+    """Most tokens of an answer."""
+    use_chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template."""
+    temperature: float = 1.0
+    """Sampling temperature of sc<k>."""
+    device: str = "auto"
+    """auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """auto, float32, float16 or bfloat16."""
+    batch_size: int = 32
+    """Queries decoded together."""
+    shard_size: int = 256
+    """Queries per written shard (the unit of resumption)."""
+    seed: int = 0
+    """Seed of the split hash and of sc<k> sampling."""
+    strict: bool = False
+    """Fail on a prompt that does not fit the context instead of skipping it."""
+    splits: list[str] | None = None
+    """Collect only these splits; None collects all."""
+
+
+@dataclass
+class CollectSummary:
+    """What a collection did."""
+
+    out: Path
+    queries: int
+    skipped: list[str]
+    rows: int
+    shards_written: int
+    shards_reused: int
+    seconds: float
+    forward_tokens: int
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _query_seed(seed: int, query_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{query_id}".encode(), digest_size=8).digest(), "big") >> 1
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial)
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def _write_json_atomic(data: dict[str, object], path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _queries_table(queries: list[Query], prompt_tokens: dict[str, int]) -> pa.Table:
+    columns: dict[str, list[object]] = {
+        "id": [q.id for q in queries],
+        "split": [q.split for q in queries],
+        "question": [q.question for q in queries],
+        "answers": [list(q.answers) for q in queries],
+        "prompt_tokens": [prompt_tokens.get(q.id, -1) for q in queries],
+    }
+    extra_keys = sorted({key for q in queries for key in q.extra})
+    for key in extra_keys:
+        values = [q.extra.get(key) for q in queries]
+        scalar = all(v is None or isinstance(v, str | int | float | bool) for v in values)
+        kinds = {type(v) for v in values if v is not None}
+        if scalar and len(kinds) <= 1:
+            columns[key] = values
+        else:
+            columns[key] = [None if v is None else json.dumps(v) for v in values]
+    return pa.table(columns)
+
+
+def _prepare_data(config: CollectConfig, out: Path) -> Path:
+    if config.data is not None:
+        return Path(config.data)
+    from tokenopt.demo.suite import generate_suite, write_jsonl
+
+    path = out / "questions.jsonl"
+    if not path.exists():
+        write_jsonl(generate_suite(), path)
+    return path
+
+
+def collect(config: CollectConfig, progress: Callable[[int, int], None] | None = None) -> CollectSummary:
+    """Collect the outcome table.
+
+    Args:
+        config: the settings.
+        progress: called as ``progress(queries_done, queries_total)``.
+
+    Returns:
+        What was done.
+
+    Raises:
+        ValueError: bad settings or data (before any LM work), or an output folder
+            that holds a collection made with other settings.
+        FileNotFoundError: the question file or the model folder does not exist.
+    """
+    from tokenopt.lm.backend import PromptFormat, TransformersLM
+
+    started = time.perf_counter()
+    budgets = parse_budgets(config.budgets)
+    modes = parse_modes(config.modes)
+    actions = build_action_table(budgets, modes)
+    prompt_format = PromptFormat(
+        template=config.prompt_template,
+        answer_cue=config.answer_cue,
+        answer_regex=config.answer_regex,
+        max_answer_tokens=config.max_answer_tokens,
+        use_chat_template=config.use_chat_template,
+    )
+    if config.batch_size < 1 or config.shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1; got {config.batch_size} and {config.shard_size}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = _prepare_data(config, out)
+    queries = load_questions(data_path, seed=config.seed)
+    if config.splits is not None:
+        unknown = sorted(set(config.splits) - {"train", "val", "test"})
+        if unknown:
+            raise ValueError(f"unknown splits {unknown}: expected train, val or test")
+        queries = [q for q in queries if q.split in config.splits]
+        if not queries:
+            raise ValueError(f"no query of {data_path} is in the splits {config.splits}")
+
+    lm = TransformersLM(config.model, config.device, config.dtype, prompt_format, config.temperature)
+    extractor = PromptFeatures()
+    settings = {
+        key: value for key, value in asdict(config).items() if key not in {"out", "device", "batch_size", "strict"}
+    }
+    settings["data_sha256"] = _sha256(data_path)
+    settings["model_name"] = lm.name
+    manifest_path = out / "manifest.json"
+    manifest: dict[str, object] = {
+        "schema_version": SCHEMA_VERSION,
+        "backend": {"kind": "transformers", "model": lm.name, "dtype": str(lm.dtype).replace("torch.", "")},
+        "settings": settings,
+        "actions": [{"name": a.name, "budget": a.budget, "mode": a.mode} for a in actions],
+        "feature_spec": extractor.spec.to_dict(),
+        "data": str(data_path),
+        "complete": False,
+    }
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+        old_settings = previous.get("settings", {})
+        differing = sorted(k for k in set(old_settings) | set(settings) if old_settings.get(k) != settings.get(k))
+        if differing or previous.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"{out} holds a collection made with other settings ({', '.join(differing) or 'schema version'} "
+                "differ); give a new --out to keep both, or delete the folder to start over"
+            )
+    _write_json_atomic(manifest, manifest_path)
+
+    prompts: dict[str, list[int]] = {}
+    skipped: list[str] = []
+    for query in queries:
+        ids = lm.encode_prompt(query.question)
+        if not lm.fits(ids, budgets[-1]):
+            message = (
+                f"query {query.id!r}: prompt of {len(ids)} tokens + budget {budgets[-1]} + cue + "
+                f"{config.max_answer_tokens} answer tokens exceeds the model's context of {lm.max_context}"
+            )
+            if config.strict:
+                raise ValueError(message + " (--strict)")
+            skipped.append(query.id)
+            continue
+        prompts[query.id] = ids
+    if skipped:
+        logger.warning("skipped %d of %d queries whose prompt does not fit the context", len(skipped), len(queries))
+
+    prompt_tokens = {query_id: len(ids) for query_id, ids in prompts.items()}
+    queries_path = out / "queries.parquet"
+    if not queries_path.exists():
+        _write_atomic(_queries_table(queries, prompt_tokens), queries_path)
+    features_path = out / "features.parquet"
+    if not features_path.exists():
+        vectors = extractor.batch([q.question for q in queries])
+        features = pa.table(
+            {
+                "id": [q.id for q in queries],
+                "split": [q.split for q in queries],
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), extractor.dim),
+            }
+        ).replace_schema_metadata({"tokenopt.feature_spec": json.dumps(extractor.spec.to_dict())})
+        _write_atomic(features, features_path)
+
+    shard_dir = out / "outcomes"
+    shard_dir.mkdir(exist_ok=True)
+    shards = [queries[i : i + config.shard_size] for i in range(0, len(queries), config.shard_size)]
+    written = reused = rows_total = 0
+    done = 0
+    for index, shard in enumerate(shards):
+        path = shard_dir / f"part-{index:05d}.parquet"
+        if path.exists():
+            reused += 1
+            rows_total += pq.read_metadata(path).num_rows
+            done += len(shard)
+            if progress is not None:
+                progress(done, len(queries))
+            continue
+        records: dict[str, list[object]] = {name: [] for name in OUTCOME_SCHEMA.names}
+        runnable = [q for q in shard if q.id in prompts]
+        for start in range(0, len(runnable), config.batch_size):
+            batch = runnable[start : start + config.batch_size]
+            batch_prompts = [prompts[q.id] for q in batch]
+            seeds = [_query_seed(config.seed, q.id) for q in batch]
+            for mode in modes:
+                results = lm.run(batch_prompts, mode, budgets, seeds)
+                for query, per_budget in zip(batch, results, strict=True):
+                    for budget in budgets:
+                        outcome = per_budget[budget]
+                        records["id"].append(query.id)
+                        records["split"].append(query.split)
+                        records["action"].append(f"b{budget}/{mode.name}")
+                        records["budget"].append(budget)
+                        records["mode"].append(mode.name)
+                        records["answer"].append(outcome.answer)
+                        records["em"].append(exact_match(outcome.answer, query.answers))
+                        records["reasoning_tokens"].append(outcome.reasoning_tokens)
+                        records["cue_tokens"].append(outcome.cue_tokens)
+                        records["answer_tokens"].append(outcome.answer_tokens)
+                        records["prompt_tokens"].append(prompt_tokens[query.id])
+                        records["billed_tokens"].append(outcome.billed_tokens)
+                        records["latency_ms"].append(outcome.latency_ms)
+                        records["confidence"].append(outcome.confidence)
+                        records["answer_logprob"].append(outcome.answer_logprob)
+                        records["natural_stop"].append(outcome.natural_stop)
+                        records["n_sequences"].append(outcome.n_sequences)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(queries))
+        done += len(shard) - len(runnable)
+        table = pa.table(records, schema=OUTCOME_SCHEMA)
+        _write_atomic(table, path)
+        written += 1
+        rows_total += table.num_rows
+
+    manifest.update(
+        {
+            "complete": True,
+            "rows": rows_total,
+            "queries": len(queries),
+            "skipped": skipped,
+            "shards": len(shards),
+        }
+    )
+    _write_json_atomic(manifest, manifest_path)
+    return CollectSummary(
+        out=out,
+        queries=len(queries),
+        skipped=skipped,
+        rows=rows_total,
+        shards_written=written,
+        shards_reused=reused,
+        seconds=time.perf_counter() - started,
+        forward_tokens=lm.stats.forward_tokens,
+    )

@@ -1,0 +1,218 @@
+"""A seeded generator of the demo question-answering suite.
+
+The suite has five families whose need for reasoning tokens differs between and
+within them, so that no single (budget, mode) action is right for every query:
+
+- ``max``: the largest of n digits. The demo LM answers it directly (budget 0);
+  its scratchpad (a running maximum) only wastes tokens.
+- ``chain``: a chain of n modular operations (``+ * -`` mod 10). Answering
+  directly is near chance from a few operations on; a scratchpad of intermediate
+  results makes it right. The trace then re-checks its steps after ``|``, as
+  larger LMs "overthink" after the answer has settled, so a budget that covers
+  only the first pass is as good as the largest one at half the tokens.
+- ``swap``: tracking a ball under three cups through n swaps, with the same
+  first-pass-then-recheck trace.
+- ``noise``: an answer that is a hash of the question. No budget helps; the LM
+  learns to answer at once, and the right action is to spend nothing.
+- ``vote``: the answer is a copy of the two digits in the question, but the
+  training data gives it only 40% of the time; the other 60% is split between
+  three wrong answers that share their first character. Greedy decoding follows
+  the shared first character and is wrong; beam search and self-consistency
+  voting find the most likely whole answer, so a non-greedy mode beats greedy.
+
+Each query is ``{"id", "question", "answers", "family", "difficulty"}``; the
+reasoning trace that the LM is trained on comes from :func:`make_example`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ANSWER_CUE",
+    "FAMILIES",
+    "RECHECK_MARK",
+    "SuiteConfig",
+    "DemoExample",
+    "generate_suite",
+    "make_example",
+    "write_jsonl",
+]
+
+ANSWER_CUE = "="
+"""The demo LM's answer cue: appended when the budget runs out (budget forcing)."""
+
+RECHECK_MARK = "|"
+"""Separates a trace's first pass from its re-check."""
+
+FAMILIES = ("max", "chain", "swap", "noise", "vote")
+"""The suite's task families, in a fixed order."""
+
+_FAMILY_WEIGHTS = {"max": 0.2, "chain": 0.25, "swap": 0.25, "noise": 0.15, "vote": 0.15}
+_DIFFICULTY_RANGE = {"max": (3, 8), "chain": (1, 6), "swap": (1, 6), "noise": (1, 1), "vote": (1, 1)}
+_VOTE_GOLD_PROBABILITY = 0.4
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Settings of the demo suite."""
+
+    n_queries: int = 3000
+    """Number of queries in the suite (train, val and test together)."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same suite."""
+
+
+@dataclass(frozen=True)
+class DemoExample:
+    """One demo query with the reasoning trace the LM is trained to write."""
+
+    family: str
+    difficulty: int
+    question: str
+    trace: str
+    answer: str
+    """The gold answer (what EM is measured against)."""
+    answer_choices: tuple[tuple[str, float], ...] = ()
+    """For ``vote``: the training distribution over answers; empty elsewhere."""
+
+
+def _modular_chain(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
+    value = int(rng.integers(0, 10))
+    question = f"C {value}"
+    steps = []
+    for _ in range(n):
+        op = "+*-"[int(rng.integers(0, 3))]
+        operand = int(rng.integers(1, 10))
+        question += f"{op}{operand}"
+        if op == "+":
+            value = (value + operand) % 10
+        elif op == "*":
+            value = (value * operand) % 10
+        else:
+            value = (value - operand) % 10
+        steps.append(str(value))
+    first_pass = " ".join(steps)
+    return question + "?", f"{first_pass}{RECHECK_MARK}{first_pass}", str(value)
+
+
+def _cup_swaps(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
+    position = int(rng.integers(0, 3))
+    question = f"S {position}:"
+    steps = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.choice(3, size=2, replace=False))
+        question += f" {a}{b}"
+        if position == a:
+            position = b
+        elif position == b:
+            position = a
+        steps.append(str(position))
+    first_pass = " ".join(steps)
+    return question + "?", f"{first_pass}{RECHECK_MARK}{first_pass}", str(position)
+
+
+def _max_of_digits(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
+    digits = [int(x) for x in rng.integers(0, 10, size=n)]
+    running = []
+    best = -1
+    for digit in digits:
+        best = max(best, digit)
+        running.append(str(best))
+    return "M " + " ".join(map(str, digits)) + "?", " ".join(running), str(best)
+
+
+def _noise(rng: np.random.Generator) -> tuple[str, str, str]:
+    key = "".join(str(int(x)) for x in rng.integers(0, 10, size=6))
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    return f"N {key}?", "", str(digest[0] % 10)
+
+
+def _vote(rng: np.random.Generator) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
+    a, b = (int(x) for x in rng.integers(0, 10, size=2))
+    gold = f"{a}{b}"
+    decoy_first = (a + 1) % 10
+    share = (1.0 - _VOTE_GOLD_PROBABILITY) / 3
+    choices = ((gold, _VOTE_GOLD_PROBABILITY),) + tuple(
+        (f"{decoy_first}{(b + shift) % 10}", share) for shift in (0, 3, 6)
+    )
+    return f"V {gold}?", "", gold, choices
+
+
+def make_example(rng: np.random.Generator, family: str | None = None, difficulty: int | None = None) -> DemoExample:
+    """Draw one example, with its trace, from the suite's distribution.
+
+    Args:
+        rng: the source of randomness.
+        family: the family to draw from; drawn by the suite's weights when None.
+        difficulty: the number of items, operations or swaps; drawn uniformly from
+            the family's range when None.
+
+    Returns:
+        The example.
+    """
+    if family is None:
+        names = list(_FAMILY_WEIGHTS)
+        weights = np.array([_FAMILY_WEIGHTS[name] for name in names])
+        family = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    if family not in _DIFFICULTY_RANGE:
+        raise ValueError(f"unknown demo family {family!r}; expected one of {FAMILIES}")
+    low, high = _DIFFICULTY_RANGE[family]
+    if difficulty is None:
+        difficulty = int(rng.integers(low, high + 1))
+    choices: tuple[tuple[str, float], ...] = ()
+    if family == "max":
+        question, trace, answer = _max_of_digits(rng, difficulty)
+    elif family == "chain":
+        question, trace, answer = _modular_chain(rng, difficulty)
+    elif family == "swap":
+        question, trace, answer = _cup_swaps(rng, difficulty)
+    elif family == "noise":
+        question, trace, answer = _noise(rng)
+    else:
+        question, trace, answer, choices = _vote(rng)
+    return DemoExample(family, difficulty, question, trace, answer, choices)
+
+
+def generate_suite(config: SuiteConfig | None = None) -> list[dict[str, object]]:
+    """Generate the demo suite as question records.
+
+    Args:
+        config: the suite's settings; the defaults when None.
+
+    Returns:
+        One record per query: ``id``, ``question``, ``answers``, ``family`` and
+        ``difficulty``. The split is left to the seeded hash of the id.
+    """
+    config = config or SuiteConfig()
+    rng = np.random.default_rng(config.seed)
+    records: list[dict[str, object]] = []
+    for index in range(config.n_queries):
+        example = make_example(rng)
+        records.append(
+            {
+                "id": f"{example.family}-{index:06d}",
+                "question": example.question,
+                "answers": [example.answer],
+                "family": example.family,
+                "difficulty": example.difficulty,
+            }
+        )
+    return records
+
+
+def write_jsonl(records: list[dict[str, object]], path: str | Path) -> Path:
+    """Write records as JSONL, one object per line, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    partial.replace(path)
+    return path

@@ -1,0 +1,249 @@
+"""The transformers backend: any local causal-LM folder, or the embedded demo LM."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokenopt.actions import Mode
+from tokenopt.lm.decoding import DecodeSettings, DecodeStats, SequenceOutcome, decode_with_budgets
+from tokenopt.metrics import normalize_answer
+
+__all__ = ["DEMO_MODEL_DIR", "ModeOutcome", "PromptFormat", "TransformersLM", "resolve_device", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo" / "model"
+"""The embedded demo LM, committed inside the package."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes a prompt, and how an answer is read back."""
+
+    template: str = "{question}"
+    """Prompt template with a ``{question}`` placeholder."""
+    answer_cue: str = "="
+    """Text appended when the budget runs out; for chat models e.g. ``\\nFinal answer:``."""
+    answer_regex: str | None = None
+    """Regex applied to the answer text; its first group (or whole match) is the answer."""
+    max_answer_tokens: int = 8
+    """Most tokens an answer may have after the cue."""
+    use_chat_template: bool = False
+    """Wrap the prompt with the tokenizer's chat template (for chat models)."""
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.template:
+            raise ValueError(f"prompt template {self.template!r} has no {{question}} placeholder")
+        if not self.answer_cue:
+            raise ValueError("the answer cue is empty: budget forcing needs a cue such as '=' or '\\nFinal answer:'")
+        if self.max_answer_tokens < 1:
+            raise ValueError(f"max_answer_tokens must be >= 1; got {self.max_answer_tokens}")
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as error:
+                raise ValueError(f"answer regex {self.answer_regex!r} does not compile: {error}") from None
+
+
+@dataclass
+class ModeOutcome:
+    """What one (query, budget, mode) action returned and cost."""
+
+    answer: str
+    reasoning_tokens: int
+    cue_tokens: int
+    answer_tokens: int
+    billed_tokens: int
+    """Reasoning + cue + answer tokens, summed over the sequences the mode runs."""
+    confidence: float
+    """Mean log-probability of the answer tokens; the vote share for ``sc<k>``."""
+    answer_logprob: float
+    """Mean log-probability of the returned answer's tokens (every mode)."""
+    natural_stop: bool
+    """Whether the LM stopped reasoning by itself (for sc<k>: every sample did)."""
+    n_sequences: int
+    latency_ms: float
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device to run on: ``auto`` picks cuda, then mps, then cpu.
+
+    Raises:
+        ValueError: the device is unknown or not available on this machine.
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device; use --device cpu or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The parameter dtype: ``auto`` is float32 on cpu and bfloat16 on cuda."""
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in choices:
+        raise ValueError(f"unknown dtype {dtype!r}: expected auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
+def _vote(sequences: list[tuple[str, float]]) -> tuple[int, float]:
+    """Majority vote over normalised answers; ties go to the higher mean log-probability.
+
+    Returns:
+        The index of the returned sequence and the winning answer's vote share.
+    """
+    keys = [normalize_answer(answer) for answer, _ in sequences]
+    counts = Counter(keys)
+    best_key = max(
+        counts,
+        key=lambda key: (counts[key], max(lp for k, (_, lp) in zip(keys, sequences, strict=True) if k == key)),
+    )
+    members = [i for i, key in enumerate(keys) if key == best_key]
+    chosen = max(members, key=lambda i: sequences[i][1])
+    return chosen, counts[best_key] / len(sequences)
+
+
+class TransformersLM:
+    """A causal LM loaded with transformers, decoding with budget forcing.
+
+    Args:
+        model: a local model folder or a hub id; None loads the embedded demo LM.
+        device: ``auto`` (cuda, then mps, then cpu), or a torch device string.
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
+        prompt_format: prompt template, answer cue and answer extraction.
+        temperature: sampling temperature of ``sc<k>``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        prompt_format: PromptFormat | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        self.prompt_format = prompt_format or PromptFormat()
+        self.temperature = temperature
+        self.name = str(model) if model is not None else "demo"
+        path = Path(model) if model is not None else DEMO_MODEL_DIR
+        local = path.exists()
+        if not local and (model is None or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1):
+            raise FileNotFoundError(
+                f"model folder {str(path)!r} does not exist; give a folder written by save_pretrained or a hub id"
+            )
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        source = str(path) if local else str(model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+            loaded = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=self.dtype)
+        except OSError as error:
+            raise FileNotFoundError(f"could not load a causal LM from {source!r}: {error}") from None
+        self.model = loaded.to(self.device).eval()
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        pad = self.tokenizer.pad_token_id
+        eos_ids = set()
+        for candidate in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(candidate, int):
+                eos_ids.add(candidate)
+            elif isinstance(candidate, list | tuple):
+                eos_ids.update(int(i) for i in candidate)
+        if not eos_ids:
+            raise ValueError(f"model {source!r} defines no EOS token; set eos_token_id in its config")
+        cue_ids = tuple(self.tokenizer(self.prompt_format.answer_cue, add_special_tokens=False)["input_ids"])
+        if not cue_ids:
+            raise ValueError(f"answer cue {self.prompt_format.answer_cue!r} encodes to no tokens with this tokenizer")
+        vocabulary = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        newline_ids = frozenset(
+            i for i, token in enumerate(vocabulary) if token is not None and ("\n" in token or "Ċ" in token)
+        )
+        self.settings = DecodeSettings(
+            cue_ids=cue_ids,
+            eos_ids=frozenset(eos_ids),
+            newline_ids=newline_ids,
+            pad_id=pad if pad is not None else min(eos_ids),
+            max_answer_tokens=self.prompt_format.max_answer_tokens,
+            temperature=temperature,
+        )
+        self._answer_regex = re.compile(self.prompt_format.answer_regex) if self.prompt_format.answer_regex else None
+        self.stats = DecodeStats()
+
+    def encode_prompt(self, question: str) -> list[int]:
+        """Token ids of the prompt for a question."""
+        text = self.prompt_format.template.replace("{question}", question)
+        if self.prompt_format.use_chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(self.tokenizer(text)["input_ids"])
+
+    def fits(self, prompt_ids: list[int], max_budget: int) -> bool:
+        """Whether prompt, the largest budget, the cue and an answer fit in the context."""
+        needed = len(prompt_ids) + max_budget + len(self.settings.cue_ids) + self.settings.max_answer_tokens + 1
+        return needed <= self.max_context
+
+    def extract_answer(self, answer_ids: list[int]) -> str:
+        """The answer text: decoded, stripped, and passed through the answer regex."""
+        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        if self._answer_regex is None:
+            return text
+        match = self._answer_regex.search(text)
+        if match is None:
+            return ""
+        return (match.group(1) if match.groups() else match.group(0)).strip()
+
+    def _summarise(self, sequences: list[SequenceOutcome], mode: Mode, latency_ms: float) -> ModeOutcome:
+        answers = [self.extract_answer(sequence.answer_ids) for sequence in sequences]
+        mean_logprobs = [s.answer_logprob / max(1, len(s.answer_ids)) for s in sequences]
+        if mode.kind == "sc":
+            chosen, confidence = _vote(list(zip(answers, mean_logprobs, strict=True)))
+            multiplier = 1
+        else:
+            chosen, multiplier = 0, mode.width
+            confidence = mean_logprobs[0]
+        reasoning = multiplier * sum(len(s.reasoning_ids) for s in sequences)
+        cue = multiplier * sum(s.cue_tokens for s in sequences)
+        answer_tokens = multiplier * sum(s.billed_answer_tokens for s in sequences)
+        return ModeOutcome(
+            answer=answers[chosen],
+            reasoning_tokens=reasoning,
+            cue_tokens=cue,
+            answer_tokens=answer_tokens,
+            billed_tokens=reasoning + cue + answer_tokens,
+            confidence=float(confidence),
+            answer_logprob=float(mean_logprobs[chosen]),
+            natural_stop=all(s.natural_stop for s in sequences),
+            n_sequences=mode.width,
+            latency_ms=latency_ms,
+        )
+
+    def run(
+        self, prompts: list[list[int]], mode: Mode, budgets: list[int], seeds: list[int] | None = None
+    ) -> list[dict[int, ModeOutcome]]:
+        """Decode a batch in one mode and summarise each query's outcome at every budget."""
+        outcomes, latency, stats = decode_with_budgets(self.model, prompts, mode, budgets, self.settings, seeds)
+        self.stats.add(stats)
+        return [
+            {budget: self._summarise(sequences, mode, latency[i][budget]) for budget, sequences in per_query.items()}
+            for i, per_query in enumerate(outcomes)
+        ]

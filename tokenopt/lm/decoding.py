@@ -1,0 +1,470 @@
+"""Shared-prefix decoding with budget forcing at every budget of the action table.
+
+For each (query, mode) the LM reasons once, up to the largest budget, with the KV
+cache. When the reasoning reaches a budget ``b`` of the table, the decoder forks:
+it copies the cache of the rows still reasoning, appends the answer cue (budget
+forcing) and decodes their forced answers, then the main pass goes on reasoning.
+A row that emits the cue itself answers in the main pass, and that answer is its
+outcome at every budget at or above the point where it stopped.
+
+This is exact, not an approximation:
+
+- greedy: a greedy trace cut at ``b`` is the trace a run with budget ``b`` writes;
+- ``sc<k>``: each sample draws its token ``i`` from its own seeded uniform stream at
+  index ``i``, so the branch at ``b`` draws what a separate budget-``b`` run with the
+  same seed draws;
+- ``beam<k>``: beam search is the same for every budget until step ``b``; the fork
+  at ``b`` copies the whole beam of the query, forces the cue on the hypotheses
+  still reasoning and finishes the beam search from there, as a budget-``b`` run
+  would.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tokenopt.actions import Mode
+
+__all__ = ["DecodeSettings", "DecodeStats", "SequenceOutcome", "decode_with_budgets"]
+
+_REASONING, _ANSWERING, _DONE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What the decoder needs to know about the prompt format and the stop rules."""
+
+    cue_ids: tuple[int, ...]
+    """Token ids of the answer cue appended when the budget runs out."""
+    eos_ids: frozenset[int]
+    """Token ids that end a sequence."""
+    newline_ids: frozenset[int] = frozenset()
+    """Token ids that end an answer (any token containing a newline)."""
+    pad_id: int = 0
+    """Token id fed to rows that have finished."""
+    max_answer_tokens: int = 8
+    """Most tokens an answer may have after the cue."""
+    temperature: float = 1.0
+    """Sampling temperature of ``sc<k>``."""
+
+
+@dataclass
+class SequenceOutcome:
+    """One decoded sequence: its reasoning, cue and answer."""
+
+    reasoning_ids: list[int]
+    cue_tokens: int
+    answer_ids: list[int]
+    """The answer's tokens, without the EOS or newline that ended it."""
+    answer_logprob: float
+    """Sum of the log-probabilities of the answer tokens."""
+    billed_answer_tokens: int
+    """Answer tokens generated, including a newline that ended it (an EOS is not billed)."""
+    natural_stop: bool
+    """Whether the LM stopped reasoning by itself (cue or EOS) rather than by the budget."""
+    score: float = 0.0
+    """Beam search score: the sequence's total log-probability."""
+
+
+@dataclass
+class DecodeStats:
+    """Work counters of one or more decoding calls."""
+
+    forward_tokens: int = 0
+    """Positions run through the LM (rows x new positions, padding included)."""
+    forward_calls: int = 0
+    """Forward passes."""
+
+    def add(self, other: DecodeStats) -> None:
+        """Add another call's counters to these."""
+        self.forward_tokens += other.forward_tokens
+        self.forward_calls += other.forward_calls
+
+
+@dataclass
+class _Row:
+    group: int
+    uniforms: np.ndarray | None
+    reasoning: list[int] = field(default_factory=list)
+    answer: list[int] = field(default_factory=list)
+    answer_logprob: float = 0.0
+    billed_answer: int = 0
+    cue_tokens: int = 0
+    forced: list[int] = field(default_factory=list)
+    phase: int = _REASONING
+    natural_stop: bool = False
+    score: float = 0.0
+
+    @property
+    def generated(self) -> int:
+        return len(self.reasoning) + self.cue_tokens + self.billed_answer
+
+    def outcome(self) -> SequenceOutcome:
+        return SequenceOutcome(
+            reasoning_ids=list(self.reasoning),
+            cue_tokens=self.cue_tokens,
+            answer_ids=list(self.answer),
+            answer_logprob=self.answer_logprob,
+            billed_answer_tokens=self.billed_answer,
+            natural_stop=self.natural_stop,
+            score=self.score,
+        )
+
+
+class _State:
+    """Rows decoding together: their cache, attention mask and bookkeeping."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: DecodeSettings,
+        mode: Mode,
+        rows: list[_Row],
+        cache: object,
+        attention: torch.Tensor,
+        positions: torch.Tensor,
+        logits: torch.Tensor,
+        stats: DecodeStats,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.mode = mode
+        self.rows = rows
+        self.cache = cache
+        self.attention = attention
+        self.positions = positions
+        self.logits = logits
+        self.stats = stats
+        self.finished: dict[int, list[SequenceOutcome]] = {}
+
+    def fork(self, indices: list[int]) -> _State:
+        """A copy of some rows, with their own cache, for a budget branch."""
+        index_tensor = torch.tensor(indices, dtype=torch.long, device=self.attention.device)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_select_indices(index_tensor)  # type: ignore[attr-defined]
+        rows = [copy.deepcopy(self.rows[i]) for i in indices]
+        state = _State(
+            self.model,
+            self.settings,
+            self.mode,
+            rows,
+            cache,
+            self.attention[index_tensor],
+            self.positions[index_tensor],
+            self.logits[index_tensor],
+            self.stats,
+        )
+        groups = {row.group for row in rows}
+        state.finished = {g: list(v) for g, v in self.finished.items() if g in groups}
+        return state
+
+    def select(self, indices: list[int]) -> None:
+        """Keep only some rows (in place), e.g. those whose answers are still needed."""
+        index_tensor = torch.tensor(indices, dtype=torch.long, device=self.attention.device)
+        self.cache.batch_select_indices(index_tensor)  # type: ignore[attr-defined]
+        self.rows = [self.rows[i] for i in indices]
+        self.attention = self.attention[index_tensor]
+        self.positions = self.positions[index_tensor]
+        self.logits = self.logits[index_tensor]
+
+    def force_answer(self) -> None:
+        """Budget forcing: every row still reasoning gets the answer cue next."""
+        for row in self.rows:
+            if row.phase == _REASONING:
+                row.phase = _ANSWERING
+                row.forced = list(self.settings.cue_ids)
+
+    def alive(self) -> bool:
+        return any(row.phase != _DONE for row in self.rows)
+
+    def _choose(self) -> tuple[list[int], list[float], list[int]]:
+        """Next token, its log-probability and the source row for every row."""
+        logprobs = torch.log_softmax(self.logits.float(), dim=-1)
+        if self.mode.kind == "beam":
+            return self._choose_beam(logprobs)
+        if self.mode.kind == "sc":
+            probabilities = torch.softmax(self.logits.float() / self.settings.temperature, dim=-1)
+            cumulative = torch.cumsum(probabilities, dim=-1)
+            draws = torch.tensor(
+                [float(row.uniforms[row.generated]) if row.uniforms is not None else 0.0 for row in self.rows],
+                dtype=cumulative.dtype,
+                device=cumulative.device,
+            )
+            thresholds = (draws * cumulative[:, -1]).unsqueeze(1)
+            chosen = torch.searchsorted(cumulative, thresholds).squeeze(1).clamp(max=logprobs.shape[-1] - 1)
+        else:
+            chosen = torch.argmax(logprobs, dim=-1)
+        chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        tokens: list[int] = chosen.tolist()
+        token_logprobs: list[float] = chosen_logprobs
+        for index, row in enumerate(self.rows):
+            if row.phase == _DONE:
+                tokens[index], token_logprobs[index] = self.settings.pad_id, 0.0
+            elif row.forced:
+                tokens[index], token_logprobs[index] = row.forced[0], 0.0
+        return tokens, token_logprobs, list(range(len(self.rows)))
+
+    def _choose_beam(self, logprobs: torch.Tensor) -> tuple[list[int], list[float], list[int]]:
+        width = self.mode.width
+        tokens: list[int] = []
+        token_logprobs: list[float] = []
+        sources: list[int] = []
+        new_rows: list[_Row] = []
+        by_group: dict[int, list[int]] = {}
+        for index, row in enumerate(self.rows):
+            by_group.setdefault(row.group, []).append(index)
+        for group, members in by_group.items():
+            candidates: list[tuple[float, int, int, float]] = []
+            for index in members:
+                row = self.rows[index]
+                if row.phase == _DONE:
+                    continue
+                if row.forced:
+                    candidates.append((row.score, index, row.forced[0], 0.0))
+                    continue
+                top = torch.topk(logprobs[index], k=min(2 * width, logprobs.shape[-1]))
+                for value, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                    candidates.append((row.score + value, index, token, value))
+            candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
+            finished = self.finished.setdefault(group, [])
+            chosen: list[tuple[float, int, int, float]] = []
+            for candidate in candidates:
+                if len(chosen) == width:
+                    break
+                total, index, token, value = candidate
+                row = self.rows[index]
+                if row.phase == _ANSWERING and not row.forced and self._ends_answer(token, row):
+                    ended = copy.deepcopy(row)
+                    self._append(ended, token, value)
+                    ended.score = total
+                    finished.append(ended.outcome())
+                    continue
+                chosen.append(candidate)
+            finished.sort(key=lambda outcome: -outcome.score)
+            del finished[width:]
+            best_live = chosen[0][0] if chosen else float("-inf")
+            done = len(finished) >= width and finished[-1].score >= best_live
+            for slot in range(width):
+                if done or slot >= len(chosen):
+                    placeholder = copy.deepcopy(self.rows[members[0]])
+                    placeholder.phase = _DONE
+                    new_rows.append(placeholder)
+                    tokens.append(self.settings.pad_id)
+                    token_logprobs.append(0.0)
+                    sources.append(members[0])
+                    continue
+                total, index, token, value = chosen[slot]
+                row = copy.deepcopy(self.rows[index])
+                row.score = total
+                new_rows.append(row)
+                tokens.append(token)
+                token_logprobs.append(value)
+                sources.append(index)
+        self.rows = new_rows
+        return tokens, token_logprobs, sources
+
+    def _ends_answer(self, token: int, row: _Row) -> bool:
+        if token in self.settings.eos_ids or token in self.settings.newline_ids:
+            return True
+        return row.billed_answer + 1 >= self.settings.max_answer_tokens
+
+    def _append(self, row: _Row, token: int, token_logprob: float) -> None:
+        """Record a chosen token in a row and move it through its phases."""
+        settings = self.settings
+        if row.forced:
+            row.forced.pop(0)
+            row.cue_tokens += 1
+            return
+        if row.phase == _REASONING:
+            if token in settings.eos_ids:
+                # The LM ended without the cue: force the cue to read its answer.
+                row.natural_stop = True
+                row.phase = _ANSWERING
+                row.forced = list(settings.cue_ids)
+                return
+            row.reasoning.append(token)
+            cue = list(settings.cue_ids)
+            if row.reasoning[-len(cue) :] == cue:
+                del row.reasoning[-len(cue) :]
+                row.cue_tokens += len(cue)
+                row.natural_stop = True
+                row.phase = _ANSWERING
+            return
+        if token in settings.eos_ids:
+            row.phase = _DONE
+            return
+        row.billed_answer += 1
+        if token in settings.newline_ids:
+            row.phase = _DONE
+            return
+        row.answer.append(token)
+        row.answer_logprob += token_logprob
+        if row.billed_answer >= settings.max_answer_tokens:
+            row.phase = _DONE
+
+    def step(self) -> None:
+        """Choose every row's next token, record it and run it through the LM."""
+        tokens, token_logprobs, sources = self._choose()
+        if self.mode.kind == "beam":
+            source_tensor = torch.tensor(sources, dtype=torch.long, device=self.attention.device)
+            self.cache.reorder_cache(source_tensor)  # type: ignore[attr-defined]
+            self.attention = self.attention[source_tensor]
+            self.positions = self.positions[source_tensor]
+        feeds = []
+        for row, token, token_logprob in zip(self.rows, tokens, token_logprobs, strict=True):
+            active = row.phase != _DONE
+            if active:
+                self._append(row, token, token_logprob)
+            feeds.append(active)
+        self._forward(tokens, feeds)
+
+    def _forward(self, tokens: list[int], active: list[bool]) -> None:
+        device = self.attention.device
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
+        mask_column = torch.tensor(active, dtype=self.attention.dtype, device=device).unsqueeze(1)
+        self.attention = torch.cat([self.attention, mask_column], dim=1)
+        position_ids = self.positions.unsqueeze(1)
+        with torch.inference_mode():
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=self.attention,
+                position_ids=position_ids,
+                cache=self.cache,
+                use_cache=True,
+            )
+        self.positions = self.positions + mask_column.squeeze(1).long()
+        self.logits = output.logits[:, -1, :]
+        self.cache = output.cache
+        self.stats.forward_tokens += len(tokens)
+        self.stats.forward_calls += 1
+
+    def finish(self) -> None:
+        """Run the rows until every answer has ended."""
+        while self.alive():
+            self.step()
+
+    def results(self, group: int) -> list[SequenceOutcome]:
+        """The sequences a group (one query) returns."""
+        if self.mode.kind == "beam":
+            finished = self.finished.get(group, [])
+            if not finished:
+                raise RuntimeError(f"beam search of query {group} ended with no finished hypothesis")
+            return [max(finished, key=lambda outcome: outcome.score)]
+        return [row.outcome() for row in self.rows if row.group == group]
+
+
+def _prefill(
+    model: torch.nn.Module, prompts: list[list[int]], pad_id: int, device: torch.device, stats: DecodeStats
+) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for index, prompt in enumerate(prompts):
+        input_ids[index, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+        attention[index, width - len(prompt) :] = 1
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        output = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True)
+    stats.forward_tokens += input_ids.numel()
+    stats.forward_calls += 1
+    positions = attention.sum(dim=1)
+    return output.cache, attention, positions, output.logits[:, -1, :]
+
+
+def decode_with_budgets(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    mode: Mode,
+    budgets: list[int],
+    settings: DecodeSettings,
+    seeds: list[int] | None = None,
+) -> tuple[list[dict[int, list[SequenceOutcome]]], list[dict[int, float]], DecodeStats]:
+    """Decode a batch of prompts in one mode and read the outcome at every budget.
+
+    Args:
+        model: a causal LM that takes ``input_ids``, ``attention_mask``,
+            ``position_ids`` and ``cache``.
+        prompts: token ids of each prompt (no padding).
+        mode: the decoding mode.
+        budgets: increasing reasoning budgets.
+        settings: cue, stop tokens and answer length.
+        seeds: one seed per prompt for ``sc<k>`` (sample j of prompt i uses the
+            stream seeded by ``(seeds[i], j)``); ignored by greedy and beam.
+
+    Returns:
+        For each prompt, the sequences it returns at each budget (k for ``sc<k>``,
+        one otherwise); for each prompt, the wall time in ms from the batch's start
+        until its outcome at each budget was known; and the work counters.
+    """
+    if not prompts:
+        return [], [], DecodeStats()
+    device = next(model.parameters()).device
+    stats = DecodeStats()
+    started = time.perf_counter()
+    cache, attention, positions, logits = _prefill(model, prompts, settings.pad_id, device, stats)
+    width = mode.width
+    max_steps = budgets[-1] + len(settings.cue_ids) + settings.max_answer_tokens + 2
+    rows: list[_Row] = []
+    for group in range(len(prompts)):
+        for sample in range(width):
+            uniforms = None
+            if mode.kind == "sc":
+                seed = 0 if seeds is None else seeds[group]
+                uniforms = np.random.default_rng([seed, sample]).random(max_steps)
+            rows.append(_Row(group=group, uniforms=uniforms))
+    if width > 1:
+        cache.batch_repeat_interleave(width)  # type: ignore[attr-defined]
+        attention = attention.repeat_interleave(width, dim=0)
+        positions = positions.repeat_interleave(width, dim=0)
+        logits = logits.repeat_interleave(width, dim=0)
+    state = _State(model, settings, mode, rows, cache, attention, positions, logits, stats)
+    if mode.kind == "beam":
+        # All k beams start from the prompt: only the first may expand at step one.
+        for index, row in enumerate(state.rows):
+            row.score = 0.0 if index % width == 0 else float("-inf")
+
+    outcomes: list[dict[int, list[SequenceOutcome]]] = [{} for _ in prompts]
+    latency: list[dict[int, float]] = [{} for _ in prompts]
+    pending: dict[int, list[int]] = {group: [] for group in range(len(prompts))}
+    for step in range(budgets[-1] + 1):
+        if step in budgets:
+            reasoning_groups = sorted({row.group for row in state.rows if row.phase == _REASONING})
+            if reasoning_groups:
+                members = set(reasoning_groups)
+                branch = state.fork([i for i, row in enumerate(state.rows) if row.group in members])
+                branch.force_answer()
+                branch.finish()
+                elapsed = (time.perf_counter() - started) * 1000.0
+                for group in reasoning_groups:
+                    outcomes[group][step] = branch.results(group)
+                    latency[group][step] = elapsed
+            for group in range(len(prompts)):
+                if group not in reasoning_groups:
+                    pending[group].append(step)
+        if step == budgets[-1]:
+            break
+        if not any(row.phase == _REASONING for row in state.rows):
+            for group in range(len(prompts)):
+                pending[group].extend(budget for budget in budgets if budget > step)
+            break
+        state.step()
+    # A query whose rows all stopped reasoning by themselves before a budget answers
+    # in the main pass; that answer is its outcome at that budget and above.
+    waiting = {group for group, steps in pending.items() if steps}
+    if waiting:
+        state.select([i for i, row in enumerate(state.rows) if row.group in waiting])
+        state.finish()
+    elapsed = (time.perf_counter() - started) * 1000.0
+    for group, steps in pending.items():
+        if not steps:
+            continue
+        result = state.results(group)
+        for budget in steps:
+            outcomes[group][budget] = result
+            latency[group][budget] = elapsed
+    return outcomes, latency, stats
