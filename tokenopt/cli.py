@@ -8,7 +8,7 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,9 +75,7 @@ def collect(
     batch_size: Annotated[int, typer.Option(help="Queries decoded together.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Queries per shard file (the unit of resumption).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split hash and of sampling.")] = 0,
-    strict: Annotated[bool, typer.Option(help="Fail on a prompt that does not fit the context, instead of skipping.")] = (
-        False
-    ),
+    strict: Annotated[bool, typer.Option(help="Fail on a prompt too long for the context (default: skip it).")] = False,
     split: Annotated[list[str] | None, typer.Option(help="Collect only this split (repeatable). Default: all.")] = None,
 ) -> None:
     """Run every (budget, mode) action on every query and write the outcome table.
@@ -130,7 +128,7 @@ def collect(
     )
 
 
-def _split_list(text: str, kind: type, option: str) -> list:  # type: ignore[type-arg]
+def _split_list(text: str, kind: type, option: str) -> list[Any]:
     parts = [part.strip() for part in text.split(",") if part.strip()]
     try:
         return [kind(part) for part in parts]
@@ -141,7 +139,7 @@ def _split_list(text: str, kind: type, option: str) -> list:  # type: ignore[typ
 @demo_lm_app.command("build")
 def demo_lm_build(
     out: Annotated[Path, typer.Option(help="Folder for the trained LM (save_pretrained format).")],
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 1800,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the data stream and the initial weights.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
     check: Annotated[bool, typer.Option(help="Collect the test split and print the property table.")] = True,
@@ -178,9 +176,7 @@ def _check_demo(model_dir: Path, table_dir: Path, report_dir: Path) -> None:
         )
     checks = check_properties(table_dir)
     lines = ["# Demo LM properties (test split)", "", property_table(table_dir), "## Checks", ""]
-    lines += [
-        f"- [{'x' if c.passed else ' '}] {c.name}: {c.value:.3f} (bar {c.threshold}); {c.detail}" for c in checks
-    ]
+    lines += [f"- [{'x' if c.passed else ' '}] {c.name}: {c.value:.3f} (bar {c.threshold}); {c.detail}" for c in checks]
     report = "\n".join(lines) + "\n"
     (report_dir / "PROPERTIES.md").write_text(report, encoding="utf-8")
     (report_dir / "properties.json").write_text(

@@ -101,7 +101,9 @@ class PromptFeatures:
         for character in text:
             vector[offset + self._index[character] if character in self._index else other] += 1.0
         if self.spec.hash_buckets:
-            grams = [w.lower() for w in words] + [f"{a.lower()} {b.lower()}" for a, b in zip(words, words[1:])]
+            grams = [w.lower() for w in words] + [
+                f"{a.lower()} {b.lower()}" for a, b in zip(words, words[1:], strict=False)
+            ]
             for gram in grams:
                 vector[other + 1 + self._bucket(gram)] += 1.0
         return vector

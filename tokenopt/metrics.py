@@ -41,8 +41,9 @@ def normalize_answer(text: str) -> str:
         return number
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    text = " ".join(_ARTICLES.sub(" ", text).split())
+    number = _canonical_number(text)
+    return text if number is None else number
 
 
 def exact_match(prediction: str, answers: Iterable[str]) -> bool:

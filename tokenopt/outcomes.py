@@ -63,7 +63,8 @@ class OutcomeMatrix:
             ValueError: some (query, action) has no row, or has two.
         """
         manifest = load_manifest(directory)
-        actions = [str(a["name"]) for a in manifest["actions"]]  # type: ignore[index, union-attr]
+        action_entries: list[dict[str, object]] = manifest["actions"]  # type: ignore[assignment]
+        actions = [str(entry["name"]) for entry in action_entries]
         table = load_outcomes(directory)
         ids_column = table.column("id").to_pylist()
         ids = list(dict.fromkeys(ids_column))

@@ -4,21 +4,24 @@ The suite has five families whose need for reasoning tokens differs between and
 within them, so that no single (budget, mode) action is right for every query:
 
 - ``max``: the largest of n digits. The demo LM answers it directly (budget 0);
-  its scratchpad (a running maximum) only wastes tokens.
+  its scratchpad (a running maximum, then a re-check) only wastes tokens.
 - ``chain``: a chain of n modular operations (``+ * -`` mod 10). Answering
-  directly is near chance from a few operations on; a scratchpad of intermediate
-  results makes it right. The trace then re-checks its steps after ``|``, as
-  larger LMs "overthink" after the answer has settled, so a budget that covers
-  only the first pass is as good as the largest one at half the tokens.
-- ``swap``: tracking a ball under three cups through n swaps, with the same
-  first-pass-then-recheck trace.
-- ``noise``: an answer that is a hash of the question. No budget helps; the LM
-  learns to answer at once, and the right action is to spend nothing.
+  directly is near chance from a few operations on; a scratchpad that writes each
+  operation with its result (``+47 *24 -59``) makes it right, so the budget it
+  needs grows with n.
+- ``swap``: tracking a ball under three cups through n swaps. The trace writes the
+  ball's position after each swap, then re-checks them after ``|``, as larger LMs
+  "overthink" once the answer has settled: a budget that covers the first pass is
+  as good as the largest one at about half the tokens.
+- ``noise``: an answer that is a hash of the question. The LM still "reasons"
+  (it copies the key and re-checks it), but no budget helps: the right action is
+  to spend nothing.
 - ``vote``: the answer is a copy of the two digits in the question, but the
   training data gives it only 40% of the time; the other 60% is split between
-  three wrong answers that share their first character. Greedy decoding follows
-  the shared first character and is wrong; beam search and self-consistency
-  voting find the most likely whole answer, so a non-greedy mode beats greedy.
+  three wrong answers that share their first character (``x1 x2 x3``). Greedy
+  decoding follows the shared first character and is wrong; beam search and
+  self-consistency voting find the most likely whole answer, so a non-greedy mode
+  beats greedy.
 
 Each query is ``{"id", "question", "answers", "family", "difficulty"}``; the
 reasoning trace that the LM is trained on comes from :func:`make_example`.
@@ -37,6 +40,7 @@ __all__ = [
     "ANSWER_CUE",
     "FAMILIES",
     "RECHECK_MARK",
+    "TRAINING_WEIGHTS",
     "SuiteConfig",
     "DemoExample",
     "generate_suite",
@@ -54,7 +58,9 @@ FAMILIES = ("max", "chain", "swap", "noise", "vote")
 """The suite's task families, in a fixed order."""
 
 _FAMILY_WEIGHTS = {"max": 0.2, "chain": 0.25, "swap": 0.25, "noise": 0.15, "vote": 0.15}
-_DIFFICULTY_RANGE = {"max": (3, 8), "chain": (1, 6), "swap": (1, 6), "noise": (1, 1), "vote": (1, 1)}
+TRAINING_WEIGHTS = {"max": 0.15, "chain": 0.35, "swap": 0.25, "noise": 0.1, "vote": 0.15}
+_DIFFICULTY_RANGE = {"max": (3, 8), "chain": (1, 6), "swap": (1, 5), "noise": (1, 1), "vote": (1, 1)}
+_VOTE_DECOYS = ("x1", "x2", "x3")
 _VOTE_GOLD_PROBABILITY = 0.4
 
 
@@ -96,9 +102,8 @@ def _modular_chain(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
             value = (value * operand) % 10
         else:
             value = (value - operand) % 10
-        steps.append(str(value))
-    first_pass = " ".join(steps)
-    return question + "?", f"{first_pass}{RECHECK_MARK}{first_pass}", str(value)
+        steps.append(f"{op}{operand}{value}")
+    return question + "?", " ".join(steps), str(value)
 
 
 def _cup_swaps(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
@@ -124,27 +129,32 @@ def _max_of_digits(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
     for digit in digits:
         best = max(best, digit)
         running.append(str(best))
-    return "M " + " ".join(map(str, digits)) + "?", " ".join(running), str(best)
+    first_pass = " ".join(running)
+    return "M " + " ".join(map(str, digits)) + "?", f"{first_pass}{RECHECK_MARK}{first_pass}", str(best)
 
 
 def _noise(rng: np.random.Generator) -> tuple[str, str, str]:
     key = "".join(str(int(x)) for x in rng.integers(0, 10, size=6))
     digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
-    return f"N {key}?", "", str(digest[0] % 10)
+    # The LM copies the key and re-checks it: reasoning that cannot help.
+    first_pass = " ".join(key)
+    return f"N {key}?", f"{first_pass}{RECHECK_MARK}{first_pass}", str(digest[0] % 10)
 
 
 def _vote(rng: np.random.Generator) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
     a, b = (int(x) for x in rng.integers(0, 10, size=2))
     gold = f"{a}{b}"
-    decoy_first = (a + 1) % 10
-    share = (1.0 - _VOTE_GOLD_PROBABILITY) / 3
-    choices = ((gold, _VOTE_GOLD_PROBABILITY),) + tuple(
-        (f"{decoy_first}{(b + shift) % 10}", share) for shift in (0, 3, 6)
-    )
+    share = (1.0 - _VOTE_GOLD_PROBABILITY) / len(_VOTE_DECOYS)
+    choices = ((gold, _VOTE_GOLD_PROBABILITY),) + tuple((decoy, share) for decoy in _VOTE_DECOYS)
     return f"V {gold}?", "", gold, choices
 
 
-def make_example(rng: np.random.Generator, family: str | None = None, difficulty: int | None = None) -> DemoExample:
+def make_example(
+    rng: np.random.Generator,
+    family: str | None = None,
+    difficulty: int | None = None,
+    weights: dict[str, float] | None = None,
+) -> DemoExample:
     """Draw one example, with its trace, from the suite's distribution.
 
     Args:
@@ -152,14 +162,16 @@ def make_example(rng: np.random.Generator, family: str | None = None, difficulty
         family: the family to draw from; drawn by the suite's weights when None.
         difficulty: the number of items, operations or swaps; drawn uniformly from
             the family's range when None.
+        weights: family weights when the family is drawn; the suite's when None.
 
     Returns:
         The example.
     """
     if family is None:
-        names = list(_FAMILY_WEIGHTS)
-        weights = np.array([_FAMILY_WEIGHTS[name] for name in names])
-        family = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        table = weights or _FAMILY_WEIGHTS
+        names = list(table)
+        shares = np.array([table[name] for name in names])
+        family = names[int(rng.choice(len(names), p=shares / shares.sum()))]
     if family not in _DIFFICULTY_RANGE:
         raise ValueError(f"unknown demo family {family!r}; expected one of {FAMILIES}")
     low, high = _DIFFICULTY_RANGE[family]

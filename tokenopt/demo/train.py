@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokenopt.demo.suite import ANSWER_CUE, DemoExample, make_example
+from tokenopt.demo.suite import ANSWER_CUE, TRAINING_WEIGHTS, DemoExample, make_example
 from tokenopt.demo.tokenizer import build_tokenizer
 
 __all__ = ["DemoTrainConfig", "train_demo_lm"]
@@ -35,7 +35,7 @@ _BUCKET_BATCHES = 8
 class DemoTrainConfig:
     """Settings of the demo LM's architecture and training schedule."""
 
-    steps: int = 1800
+    steps: int = 2000
     """Optimiser steps."""
     batch_size: int = 96
     """Examples per step (drawn fresh from the suite's distribution)."""
@@ -98,7 +98,7 @@ def _draw_rows(
 ) -> list[tuple[list[int], list[int]]]:
     rows = []
     for _ in range(count):
-        example = make_example(rng)
+        example = make_example(rng, weights=TRAINING_WEIGHTS)
         cut = _draw_cut(rng, len(example.trace), config)
         answer = example.answer
         if example.answer_choices:
@@ -124,9 +124,7 @@ def _length_bucketed_batches(
     return [batches[i] for i in order]
 
 
-def _collate(
-    rows: list[tuple[list[int], list[int]]], pad: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), _IGNORE, dtype=torch.long)

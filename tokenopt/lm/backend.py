@@ -158,7 +158,8 @@ class TransformersLM:
             loaded = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=self.dtype)
         except OSError as error:
             raise FileNotFoundError(f"could not load a causal LM from {source!r}: {error}") from None
-        self.model = loaded.to(self.device).eval()
+        loaded.to(self.device)  # type: ignore[arg-type]
+        self.model = loaded.eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         pad = self.tokenizer.pad_token_id
         eos_ids = set()
@@ -204,7 +205,7 @@ class TransformersLM:
 
     def extract_answer(self, answer_ids: list[int]) -> str:
         """The answer text: decoded, stripped, and passed through the answer regex."""
-        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        text = str(self.tokenizer.decode(answer_ids, skip_special_tokens=True)).strip()
         if self._answer_regex is None:
             return text
         match = self._answer_regex.search(text)

@@ -1,0 +1,112 @@
+"""Shared-prefix decoding against independent per-budget runs on the demo LM."""
+
+import pytest
+import torch
+
+from tokenopt.actions import parse_mode
+from tokenopt.demo.suite import SuiteConfig, generate_suite
+from tokenopt.lm.decoding import decode_with_budgets
+
+BUDGETS = [0, 2, 4, 8, 16, 32]
+
+
+@pytest.fixture(scope="module")
+def prompts(demo_lm):
+    suite = generate_suite(SuiteConfig(n_queries=24, seed=11))
+    return [demo_lm.encode_prompt(record["question"]) for record in suite]
+
+
+def _reference_greedy(lm, prompt, budget):
+    """Budget forcing with transformers' own generate, one budget at a time."""
+    settings = lm.settings
+    model = lm.model
+    ids = torch.tensor([prompt])
+    reasoning: list[int] = []
+    if budget > 0:
+        generated = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=budget,
+            do_sample=False,
+            eos_token_id=[*settings.cue_ids, *settings.eos_ids],
+            pad_token_id=settings.pad_id,
+        )[0, len(prompt) :].tolist()
+        reasoning = generated
+        if reasoning and reasoning[-1] in (*settings.cue_ids, *settings.eos_ids):
+            reasoning = reasoning[:-1]
+    context = torch.tensor([prompt + reasoning + list(settings.cue_ids)])
+    answer = model.generate(
+        context,
+        attention_mask=torch.ones_like(context),
+        max_new_tokens=settings.max_answer_tokens,
+        do_sample=False,
+        eos_token_id=[*settings.eos_ids, *settings.newline_ids],
+        pad_token_id=settings.pad_id,
+    )[0, context.shape[1] :].tolist()
+    while answer and answer[-1] in (*settings.eos_ids, *settings.newline_ids):
+        answer = answer[:-1]
+    return reasoning, answer
+
+
+def test_greedy_branches_equal_separate_generate_runs(demo_lm, prompts):
+    outcomes, _, _ = decode_with_budgets(demo_lm.model, prompts, parse_mode("greedy"), BUDGETS, demo_lm.settings)
+    natural = 0
+    for prompt, per_budget in zip(prompts, outcomes, strict=True):
+        for budget in BUDGETS:
+            (sequence,) = per_budget[budget]
+            reasoning, answer = _reference_greedy(demo_lm, prompt, budget)
+            assert sequence.reasoning_ids == reasoning, (budget, prompt)
+            assert sequence.answer_ids == answer, (budget, prompt)
+            assert len(sequence.reasoning_ids) <= budget
+            natural += sequence.natural_stop
+    # The batch mixes traces that end by themselves and traces cut by the budget.
+    assert 0 < natural < len(prompts) * len(BUDGETS)
+
+
+@pytest.mark.parametrize("mode_name", ["sc4", "beam3"])
+def test_branches_equal_single_budget_runs(demo_lm, prompts, mode_name):
+    mode = parse_mode(mode_name)
+    seeds = list(range(100, 100 + len(prompts)))
+    shared, _, _ = decode_with_budgets(demo_lm.model, prompts, mode, BUDGETS, demo_lm.settings, seeds)
+    for budget in BUDGETS:
+        alone, _, _ = decode_with_budgets(demo_lm.model, prompts, mode, [budget], demo_lm.settings, seeds)
+        for together, single in zip(shared, alone, strict=True):
+            assert [(s.reasoning_ids, s.answer_ids) for s in together[budget]] == [
+                (s.reasoning_ids, s.answer_ids) for s in single[budget]
+            ], (mode_name, budget)
+
+
+def test_sampling_is_seeded(demo_lm, prompts):
+    mode = parse_mode("sc3")
+    first, _, _ = decode_with_budgets(demo_lm.model, prompts[:6], mode, [0, 8], demo_lm.settings, [1] * 6)
+    again, _, _ = decode_with_budgets(demo_lm.model, prompts[:6], mode, [0, 8], demo_lm.settings, [1] * 6)
+    other, _, _ = decode_with_budgets(demo_lm.model, prompts[:6], mode, [0, 8], demo_lm.settings, [2] * 6)
+
+    def flat(outcomes):
+        return [(s.reasoning_ids, s.answer_ids) for per in outcomes for b in (0, 8) for s in per[b]]
+
+    assert flat(first) == flat(again)
+    assert flat(first) != flat(other)
+
+
+def test_shared_prefix_runs_fewer_forward_tokens(demo_lm, prompts):
+    mode = parse_mode("greedy")
+    _, _, shared = decode_with_budgets(demo_lm.model, prompts, mode, BUDGETS, demo_lm.settings)
+    naive = 0
+    for budget in BUDGETS:
+        _, _, stats = decode_with_budgets(demo_lm.model, prompts, mode, [budget], demo_lm.settings)
+        naive += stats.forward_tokens
+    assert shared.forward_tokens < naive / 2
+
+
+def test_tokenizer_round_trips_through_autotokenizer():
+    from transformers import AutoTokenizer
+
+    from tokenopt.lm.backend import DEMO_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    text = "ball a ab ba? C 3+4*2-5?"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert len(ids) == len(text) + 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text

@@ -1,0 +1,48 @@
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+
+def test_subpackages_import_under_the_tokenopt_namespace():
+    envs = importlib.import_module("tokenopt.envs")
+    agents = importlib.import_module("tokenopt.agents")
+    assert envs.__name__ == "tokenopt.envs"
+    assert agents.__name__ == "tokenopt.agents"
+
+
+@pytest.mark.parametrize("generic_name", ["envs", "agents"])
+def test_no_generic_top_level_package_is_installed(tmp_path, generic_name):
+    # Run from an empty folder so the checkout itself is not on sys.path.
+    result = subprocess.run(
+        [sys.executable, "-c", f"import importlib.util; print(importlib.util.find_spec('{generic_name}'))"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "None"
+
+
+def test_demo_lm_ships_inside_the_package():
+    from tokenopt.lm.backend import DEMO_MODEL_DIR
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (DEMO_MODEL_DIR / name).is_file(), name
+
+
+@pytest.mark.parametrize("command", [[], ["collect"], ["demo-lm"], ["demo-lm", "build"], ["demo-lm", "check"]])
+def test_every_command_explains_its_options(command):
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenopt.cli", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "", "TERM": "dumb"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    if command == ["collect"]:
+        for option in ("--data", "--model", "--budgets", "--modes", "--answer-cue", "--strict", "--seed"):
+            assert option in result.stdout
+        assert "0,4,8,16,32" in result.stdout
