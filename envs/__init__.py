@@ -1,7 +1,27 @@
 """Gymnasium environments of tokenopt, installed as ``tokenopt.envs``.
 
-The environments that wrap an outcome table or a live LM (``tokenopt/TokenBudget-v0``
-and ``tokenopt/TokenBudgetStream-v0``) are registered here.
+Importing this package registers ``tokenopt/TokenBudget-v0`` and
+``tokenopt/TokenBudgetStream-v0``.
 """
 
-__all__: list[str] = []
+from gymnasium.envs.registration import register, registry
+
+from tokenopt.envs.backends import LiveLMBackend, Outcome, OutcomeBackend, TableBackend
+from tokenopt.envs.budget import TokenBudgetEnv
+from tokenopt.envs.stream import TokenBudgetStreamEnv
+
+__all__ = [
+    "LiveLMBackend",
+    "Outcome",
+    "OutcomeBackend",
+    "TableBackend",
+    "TokenBudgetEnv",
+    "TokenBudgetStreamEnv",
+]
+
+for _env_id, _entry_point in (
+    ("tokenopt/TokenBudget-v0", "tokenopt.envs.budget:TokenBudgetEnv"),
+    ("tokenopt/TokenBudgetStream-v0", "tokenopt.envs.stream:TokenBudgetStreamEnv"),
+):
+    if _env_id not in registry:
+        register(id=_env_id, entry_point=_entry_point)

@@ -198,5 +198,147 @@ def demo_lm_check(
     _check_demo(model or DEMO_MODEL_DIR, work_dir / "table", work_dir)
 
 
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not key=value (e.g. --set ent_coef=0.02)")
+        key, value = pair.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+@app.command()
+def train(
+    table: Annotated[Path, typer.Option(help="Outcome-table folder written by `tokenopt collect`.")],
+    out: Annotated[Path, typer.Option(help="Run folder (config.yml, command.txt, tb/, checkpoints/, policy/).")] = Path(
+        "runs/train"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="YAML of PPO hyperparameters keyed by env id. Default: agents/configs/ppo.yml.")
+    ] = None,
+    algo: Annotated[str, typer.Option(help="ppo, or maskable_ppo (sb3-contrib).")] = "ppo",
+    total_timesteps: Annotated[
+        int | None, typer.Option(help="Environment steps. Default: n_timesteps from the YAML.")
+    ] = None,
+    cost_weight: Annotated[float, typer.Option(help="lambda in EM - lambda * tokens (start value if constrained).")] = (
+        0.01
+    ),
+    em_floor: Annotated[
+        float | None,
+        typer.Option(help="Adapt lambda so validation EM is at most this many points below max-budget greedy."),
+    ] = None,
+    token_target: Annotated[
+        float | None, typer.Option(help="Adapt lambda so validation mean billed tokens are at most this.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of environments, network and PPO.")] = 0,
+    eval_freq: Annotated[int, typer.Option(help="Environment steps between validations.")] = 4096,
+    patience: Annotated[int, typer.Option(help="Validations without improvement before stopping early.")] = 6,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Hyperparameter override key=value (repeatable).")
+    ] = None,
+    export: Annotated[bool, typer.Option(help="Export the best model as RUN/policy/ when done.")] = True,
+) -> None:
+    """Train a PPO agent on an outcome table, validate it, and export the best policy."""
+    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.train import CONFIG_DIR, TrainConfig
+    from tokenopt.agents.train import train as run_train
+
+    try:
+        settings = TrainConfig(
+            table=str(table),
+            out=str(out),
+            algo=algo,
+            config_file=str(config or CONFIG_DIR / "ppo.yml"),
+            hyperparams=_parse_overrides(set_ or []),
+            total_timesteps=total_timesteps,
+            seed=seed,
+            cost_weight=cost_weight,
+            em_floor=em_floor,
+            token_target=token_target,
+            eval_freq=eval_freq,
+            patience=patience,
+        )
+        with _progress() as progress:
+            task = progress.add_task("train", total=None)
+
+            def report(steps: int, _: int, metrics: dict[str, float]) -> None:
+                progress.update(
+                    task,
+                    completed=steps,
+                    description=f"train (val reward {metrics['reward']:.3f}, gap {metrics['gap_recovered']:.2f})",
+                )
+
+            result = run_train(settings, progress=report)
+        if export:
+            export_run(out)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    best = result.best_metrics
+    console.print(
+        f"trained {result.timesteps} steps in {result.seconds:.0f} s; best validation: EM {best.get('em', 0):.3f}, "
+        f"tokens {best.get('tokens', 0):.2f}, reward {best.get('reward', 0):.3f}, "
+        f"gap recovered {best.get('gap_recovered', 0):.2f}; TensorBoard logs in {out / 'tb'}"
+    )
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `tokenopt train`.")],
+    onnx: Annotated[bool, typer.Option(help="Also write policy.onnx (logits only).")] = False,
+) -> None:
+    """Export a run's best model as a pickle-free runtime policy (RUN/policy/)."""
+    from tokenopt.agents.pipeline import export_run
+
+    try:
+        path = export_run(run, onnx=onnx)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    typer.echo(str(path))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's table and run.")] = Path("runs/demo"),
+    total_timesteps: Annotated[int | None, typer.Option(help="PPO steps. Default: from the YAML.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of training.")] = 0,
+) -> None:
+    """Collect the demo (reusing a cached table), train, export and evaluate on the test split."""
+    from tokenopt.agents.pipeline import evaluate_policy, export_run, format_table, save_report
+    from tokenopt.agents.train import TrainConfig
+    from tokenopt.agents.train import train as run_train
+    from tokenopt.collect import CollectConfig
+    from tokenopt.collect import collect as run_collect
+
+    table = out / "table"
+    run = out / "run"
+    with _progress() as progress:
+        task = progress.add_task("collect demo table", total=None)
+        run_collect(CollectConfig(out=str(table)), progress=lambda d, t: progress.update(task, completed=d, total=t))
+        task = progress.add_task("train PPO", total=None)
+        run_train(
+            TrainConfig(table=str(table), out=str(run), seed=seed, total_timesteps=total_timesteps),
+            progress=lambda steps, _, m: progress.update(
+                task, completed=steps, description=f"train PPO (val gap {m['gap_recovered']:.2f})"
+            ),
+        )
+    policy_dir = export_run(run)
+    rows, extra = evaluate_policy(policy_dir, table, "test")
+    save_report(run / "report.json", rows, extra)
+    max_greedy = max(
+        (name for name in (r.method[6:] for r in rows if r.method.startswith("fixed ")) if name.endswith("/greedy")),
+        key=lambda n: int(n.split("/")[0][1:]),
+    )
+    report = format_table(rows, max_greedy)
+    (run / "report.md").write_text(report + "\n", encoding="utf-8")
+    typer.echo(f"Test split, {extra['queries']} queries, lambda 0.01 per billed token:\n")
+    typer.echo(report)
+    typer.echo(f"\nTensorBoard: tensorboard --logdir {run / 'tb'}\nPolicy: {policy_dir}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

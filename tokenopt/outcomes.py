@@ -54,6 +54,10 @@ class OutcomeMatrix:
     exact_match: np.ndarray
     billed_tokens: np.ndarray
     prompt_tokens: np.ndarray
+    features: np.ndarray | None = None
+    """(queries x feature dim) float32, from ``features.parquet``, when loaded."""
+    families: np.ndarray | None = None
+    """A ``family`` column of the question file, when it has one (for reports)."""
 
     @classmethod
     def from_table(cls, directory: str | Path) -> OutcomeMatrix:
@@ -94,7 +98,22 @@ class OutcomeMatrix:
                 f"{directory}: query {ids[i]!r} has {seen[i, j]} rows for action {actions[j]!r} (expected 1); "
                 f"{len(missing)} (query, action) pairs are affected"
             )
-        return cls(ids, splits, actions, exact, billed, prompt)
+        features = families = None
+        directory = Path(directory)
+        if (directory / "features.parquet").is_file():
+            feature_table = pq.read_table(directory / "features.parquet")
+            feature_of = dict(
+                zip(feature_table.column("id").to_pylist(), feature_table.column("features").to_pylist(), strict=True)
+            )
+            features = np.asarray([feature_of[query_id] for query_id in ids], dtype=np.float32)
+        if (directory / "queries.parquet").is_file():
+            query_table = pq.read_table(directory / "queries.parquet")
+            if "family" in query_table.column_names:
+                family_of = dict(
+                    zip(query_table.column("id").to_pylist(), query_table.column("family").to_pylist(), strict=True)
+                )
+                families = np.asarray([str(family_of[query_id]) for query_id in ids], dtype=object)
+        return cls(ids, splits, actions, exact, billed, prompt, features, families)
 
     def subset(self, split: str | None) -> OutcomeMatrix:
         """The rows of one split (all rows when None)."""
@@ -103,13 +122,19 @@ class OutcomeMatrix:
         mask = self.splits == split
         if not mask.any():
             raise ValueError(f"the table has no query in split {split!r}")
+        return self.take(np.flatnonzero(mask))
+
+    def take(self, indices: np.ndarray) -> OutcomeMatrix:
+        """The rows at these indices, in this order."""
         return OutcomeMatrix(
-            [i for i, keep in zip(self.ids, mask, strict=True) if keep],
-            self.splits[mask],
+            [self.ids[i] for i in indices],
+            self.splits[indices],
             self.actions,
-            self.exact_match[mask],
-            self.billed_tokens[mask],
-            self.prompt_tokens[mask],
+            self.exact_match[indices],
+            self.billed_tokens[indices],
+            self.prompt_tokens[indices],
+            None if self.features is None else self.features[indices],
+            None if self.families is None else self.families[indices],
         )
 
     def rewards(self, cost_model: CostModel) -> np.ndarray:

@@ -1,0 +1,383 @@
+"""PPO training on an outcome table, with validation, early stopping and TensorBoard.
+
+``tokenopt train --table DIR`` trains PPO (or MaskablePPO) from Stable-Baselines3
+on ``tokenopt/TokenBudget-v0`` backed by the table, validates on the val split
+while it trains (EM, billed tokens, reward, gap recovered), stops early when the
+validation score stops improving, keeps the best model and exports it as the
+runtime policy. The cost weight is fixed, or adapted by dual ascent to meet an EM
+floor or a token target (a Lagrangian relaxation of the constrained problem).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
+from tokenopt.outcomes import OutcomeMatrix, load_manifest
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate_actions", "load_config", "train"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ENV_IDS = {"budget": "tokenopt/TokenBudget-v0", "stream": "tokenopt/TokenBudgetStream-v0"}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``tokenopt train``; PPO hyperparameters come from the YAML file."""
+
+    table: str = ""
+    """Outcome-table folder written by ``tokenopt collect``."""
+    out: str = "runs/train"
+    """Run folder."""
+    env: str = "budget"
+    """Environment: ``budget`` (one query per episode) or ``stream`` (shared budget)."""
+    algo: str = "ppo"
+    """``ppo`` or ``maskable_ppo`` (sb3-contrib)."""
+    config_file: str = str(CONFIG_DIR / "ppo.yml")
+    """YAML of hyperparameters keyed by environment id."""
+    hyperparams: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the YAML's hyperparameters (``--set key=value``)."""
+    total_timesteps: int | None = None
+    """Environment steps; None takes ``n_timesteps`` from the YAML."""
+    seed: int = 0
+    """Seed of the environments, the network and PPO."""
+    cost_weight: float = DEFAULT_COST_WEIGHT
+    """lambda: fixed, or the starting value when a constraint is given."""
+    token_price: float = 1.0
+    """Price of a billed token."""
+    prompt_token_price: float = 0.0
+    """Price of a prompt token."""
+    em_floor: float | None = None
+    """Constraint: validation EM at most this many points below max-budget greedy EM."""
+    token_target: float | None = None
+    """Constraint: validation mean billed tokens at most this."""
+    dual_lr: float = 0.02
+    """Step size of the dual ascent on lambda."""
+    eval_freq: int = 4096
+    """Environment steps between validations."""
+    patience: int = 6
+    """Validations without improvement before training stops early."""
+    threads: int = 1
+    """CPU threads for torch (one is fastest for these small networks)."""
+    verbose: int = 0
+    """SB3 verbosity."""
+
+
+@dataclass
+class TrainResult:
+    """What training produced."""
+
+    run_dir: Path
+    best_metrics: dict[str, float]
+    cost_weight: float
+    timesteps: int
+    seconds: float
+    stopped_early: bool
+
+
+def load_config(path: str | Path, env_id: str) -> dict[str, Any]:
+    """The hyperparameters for ``env_id`` in a YAML file keyed by environment id.
+
+    Raises:
+        ValueError: the file has no entry for the environment.
+    """
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if env_id not in data:
+        raise ValueError(f"{path} has no hyperparameters for {env_id}; it has {sorted(data)}")
+    return dict(data[env_id])
+
+
+def _schedule(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("lin_"):
+        start = float(value[4:])
+        return lambda progress_remaining: progress_remaining * start
+    return value
+
+
+_PPO_KEYS = {
+    "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "learning_rate", "ent_coef", "clip_range",
+    "vf_coef", "max_grad_norm", "target_kl",
+}  # fmt: skip
+_OTHER_KEYS = {"n_timesteps", "n_envs", "normalize", "policy_kwargs", "policy"}
+
+
+def _check_keys(hyperparams: dict[str, Any], where: str) -> None:
+    known = sorted(_PPO_KEYS | _OTHER_KEYS)
+    for key in hyperparams:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown hyperparameter {key!r} in {where}{hint}")
+
+
+def _policy_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(raw)
+    activation = kwargs.pop("activation_fn", "tanh")
+    activations = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
+    if activation not in activations:
+        raise ValueError(f"activation_fn {activation!r} is not one of {sorted(activations)}")
+    kwargs["activation_fn"] = activations[activation]
+    weight_decay = float(kwargs.pop("weight_decay", 0.0))
+    kwargs["optimizer_kwargs"] = {"weight_decay": weight_decay} if weight_decay else {}
+    net_arch = kwargs.pop("net_arch", [64, 64])
+    kwargs["net_arch"] = {"pi": list(net_arch), "vf": list(net_arch)}
+    return kwargs
+
+
+def evaluate_actions(
+    matrix: OutcomeMatrix, chosen: np.ndarray, cost_model: CostModel, reference_em: float | None = None
+) -> dict[str, float]:
+    """EM, mean billed tokens, mean reward and gap recovered of per-query actions."""
+    rows = np.arange(len(matrix.ids))
+    rewards = matrix.rewards(cost_model)
+    policy_reward = float(rewards[rows, chosen].mean())
+    oracle = float(rewards.max(axis=1).mean())
+    best_fixed = float(rewards.mean(axis=0).max())
+    spread = oracle - best_fixed
+    metrics = {
+        "em": float(matrix.exact_match[rows, chosen].mean()),
+        "tokens": float(matrix.billed_tokens[rows, chosen].mean()),
+        "reward": policy_reward,
+        "oracle_reward": oracle,
+        "best_fixed_reward": best_fixed,
+        "gap_recovered": (policy_reward - best_fixed) / spread if spread > 1e-12 else 0.0,
+    }
+    if reference_em is not None:
+        metrics["em_drop_points"] = 100.0 * (reference_em - metrics["em"])
+    return metrics
+
+
+def _max_budget_greedy(matrix: OutcomeMatrix) -> int:
+    candidates = [j for j, name in enumerate(matrix.actions) if name.endswith("/greedy")] or list(
+        range(len(matrix.actions))
+    )
+    return max(candidates, key=lambda j: int(matrix.actions[j].split("/")[0][1:]))
+
+
+class _Predictor:
+    """Deterministic actions for raw observations, through VecNormalize's statistics."""
+
+    def __init__(self, model: Any, vec_normalize: Any) -> None:
+        self.model = model
+        self.vec_normalize = vec_normalize
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        normalized = self.vec_normalize.normalize_obs(observations) if self.vec_normalize is not None else observations
+        actions, _ = self.model.predict(normalized, deterministic=True)
+        return np.asarray(actions).reshape(-1)
+
+
+def _make_callback(
+    config: TrainConfig,
+    run_dir: Path,
+    val: OutcomeMatrix,
+    train_sample: OutcomeMatrix,
+    vec_env: Any,
+    hparams: dict[str, Any],
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+) -> Any:
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import HParam
+
+    reference = _max_budget_greedy(val)
+    reference_em = float(val.exact_match[:, reference].mean())
+
+    class ValidationCallback(BaseCallback):
+        """Validate, adapt lambda, keep the best model and stop early."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.cost_weight = config.cost_weight
+            self.best_score = -np.inf
+            self.best_metrics: dict[str, float] = {}
+            self.stale = 0
+            self.stopped_early = False
+            self.last_eval = 0
+
+        def _on_training_start(self) -> None:
+            metrics = {"eval/reward": 0.0, "eval/em": 0.0, "eval/tokens": 0.0, "eval/gap_recovered": 0.0}
+            self.logger.record("hparams", HParam(hparams, metrics), exclude=("stdout", "log", "json", "csv"))
+
+        def _score(self, metrics: dict[str, float]) -> float:
+            if config.em_floor is not None:
+                feasible = metrics["em_drop_points"] <= config.em_floor
+                return -metrics["tokens"] if feasible else -1e6 - metrics["em_drop_points"]
+            if config.token_target is not None:
+                feasible = metrics["tokens"] <= config.token_target
+                return metrics["em"] if feasible else -1e6 - metrics["tokens"]
+            return metrics["reward"]
+
+        def _update_lambda(self, metrics: dict[str, float]) -> None:
+            if config.em_floor is not None:
+                slack = config.em_floor - metrics["em_drop_points"]  # > 0: EM to spare
+                self.cost_weight = max(0.0, self.cost_weight * float(np.exp(config.dual_lr * slack)))
+            elif config.token_target is not None:
+                excess = (metrics["tokens"] - config.token_target) / max(config.token_target, 1e-9)
+                self.cost_weight = max(1e-6, self.cost_weight * float(np.exp(10 * config.dual_lr * excess)))
+            else:
+                return
+            vec_env.env_method("set_cost_weight", self.cost_weight)
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps - self.last_eval < config.eval_freq:
+                return True
+            self.last_eval = self.num_timesteps
+            predict = _Predictor(self.model, vec_env)
+            report_cost = CostModel(config.cost_weight, config.token_price, config.prompt_token_price)
+            assert val.features is not None and train_sample.features is not None
+            metrics = evaluate_actions(val, predict(val.features), report_cost, reference_em)
+            train_metrics = evaluate_actions(train_sample, predict(train_sample.features), report_cost)
+            for key in ("em", "tokens", "reward", "gap_recovered"):
+                self.logger.record(f"eval/{key}", metrics[key])
+            self.logger.record("eval/train_reward", train_metrics["reward"])
+            self.logger.record("eval/overfit_gap", train_metrics["reward"] - metrics["reward"])
+            self.logger.record("train/lambda", self.cost_weight)
+            score = self._score(metrics)
+            if score > self.best_score + 1e-4:
+                self.best_score, self.best_metrics, self.stale = score, metrics, 0
+                self.model.save(run_dir / "checkpoints" / "best_model.zip")
+                vec_env.save(str(run_dir / "checkpoints" / "vecnormalize.pkl"))
+                self.best_metrics["cost_weight"] = self.cost_weight
+            else:
+                self.stale += 1
+            self._update_lambda(metrics)
+            self.logger.dump(self.num_timesteps)
+            if progress is not None:
+                progress(self.num_timesteps, 0, metrics)
+            if self.stale >= config.patience and config.em_floor is None and config.token_target is None:
+                self.stopped_early = True
+                return False
+            return True
+
+    return ValidationCallback()
+
+
+def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train, validate and export a policy on an outcome table.
+
+    Raises:
+        ValueError: bad settings or an outcome table that does not fit them.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    import tokenopt.envs  # noqa: F401  (registers the environments)
+    from tokenopt.envs import TableBackend, TokenBudgetEnv
+
+    started = time.perf_counter()
+    if config.env not in ENV_IDS:
+        raise ValueError(f"unknown env {config.env!r}: expected one of {sorted(ENV_IDS)}")
+    if config.algo not in {"ppo", "maskable_ppo"}:
+        raise ValueError(f"unknown algo {config.algo!r}: expected ppo or maskable_ppo")
+    if config.em_floor is not None and config.token_target is not None:
+        raise ValueError("give at most one constraint: --em-floor or --token-target")
+    if config.env != "budget":
+        raise ValueError("training on the stream environment is not supported yet; use --env budget")
+    env_id = ENV_IDS[config.env]
+    hyperparams = load_config(config.config_file, env_id)
+    _check_keys(hyperparams, config.config_file)
+    _check_keys(config.hyperparams, "the overrides")
+    hyperparams.update(config.hyperparams)
+    manifest = load_manifest(config.table)
+    matrix = OutcomeMatrix.from_table(config.table)
+    for split in ("train", "val"):
+        if not (matrix.splits == split).any():
+            raise ValueError(f"{config.table} has no query in split {split!r}; training needs train and val queries")
+    run_dir = Path(config.out)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    resolved = asdict(config) | {"resolved_hyperparams": hyperparams, "env_id": env_id}
+    (run_dir / "config.yml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    (run_dir / "command.txt").write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
+
+    torch.set_num_threads(config.threads)
+    env_kwargs: dict[str, Any] = {
+        "backend": TableBackend(matrix, "train"),
+        "cost_weight": config.cost_weight,
+        "token_price": config.token_price,
+        "prompt_token_price": config.prompt_token_price,
+    }
+    n_envs = int(hyperparams.pop("n_envs", 8))
+    total = int(config.total_timesteps or hyperparams.pop("n_timesteps", 60000))
+    hyperparams.pop("n_timesteps", None)
+    normalize = bool(hyperparams.pop("normalize", True))
+    policy_kwargs = _policy_kwargs(hyperparams.pop("policy_kwargs", {}))
+    hyperparams.pop("policy", None)
+    ppo_kwargs = {key: _schedule(value) for key, value in hyperparams.items()}
+    vec_env = make_vec_env(TokenBudgetEnv, n_envs=n_envs, seed=config.seed, env_kwargs=env_kwargs)
+    vec_env = VecNormalize(vec_env, norm_obs=normalize, norm_reward=False, clip_obs=10.0)
+    if config.algo == "maskable_ppo":
+        try:
+            from sb3_contrib import MaskablePPO
+        except ImportError:
+            raise ValueError("--algo maskable_ppo needs sb3-contrib: pip install sb3-contrib") from None
+        algo_class: Any = MaskablePPO
+    else:
+        algo_class = PPO
+    model = algo_class(
+        "MlpPolicy",
+        vec_env,
+        seed=config.seed,
+        verbose=config.verbose,
+        policy_kwargs=policy_kwargs,
+        device="cpu",
+        **ppo_kwargs,
+    )
+    model.set_logger(configure(str(run_dir / "tb"), ["tensorboard"]))
+    val = matrix.subset("val")
+    train_all = matrix.subset("train")
+    sample = np.random.default_rng(config.seed).permutation(len(train_all.ids))[: max(len(val.ids), 1)]
+    train_sample = train_all.take(np.sort(sample))
+    hparams = {
+        "algo": config.algo,
+        "env": env_id,
+        "cost_weight": config.cost_weight,
+        "n_envs": n_envs,
+        "net_arch": str(policy_kwargs["net_arch"]["pi"]),
+        "ent_coef": float(ppo_kwargs.get("ent_coef", 0.0)),
+        "seed": config.seed,
+    }
+    callback = _make_callback(config, run_dir, val, train_sample, vec_env, hparams, progress)
+    model.learn(total_timesteps=total, callback=callback)
+    best = callback.best_metrics
+    if not best:
+        model.save(run_dir / "checkpoints" / "best_model.zip")
+        vec_env.save(str(run_dir / "checkpoints" / "vecnormalize.pkl"))
+    summary = {
+        "best_val": best,
+        "timesteps": int(model.num_timesteps),
+        "stopped_early": callback.stopped_early,
+        "seconds": time.perf_counter() - started,
+        "cost_weight": callback.cost_weight,
+        "actions": manifest["actions"],
+    }
+    (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    vec_env.close()
+    return TrainResult(
+        run_dir=run_dir,
+        best_metrics=best,
+        cost_weight=float(best.get("cost_weight", callback.cost_weight)),
+        timesteps=int(model.num_timesteps),
+        seconds=summary["seconds"],
+        stopped_early=callback.stopped_early,
+    )
+
+
+def config_field_names() -> list[str]:
+    """Names of :class:`TrainConfig`'s fields (for CLI overrides)."""
+    return [f.name for f in fields(TrainConfig)]

@@ -1,0 +1,144 @@
+"""``tokenopt/TokenBudget-v0``: choose one query's token budget and decoding mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from tokenopt.cost import CostModel
+from tokenopt.envs.backends import OutcomeBackend, TableBackend
+
+__all__ = ["TokenBudgetEnv"]
+
+
+class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
+    """One query per episode: pick a (budget, mode) action for it.
+
+    ## Description
+    Each episode draws one query of the split. The agent sees the query's feature
+    vector and picks an action of the action table: a reasoning budget and a
+    decoding mode. The backend returns what that action did (exact match and tokens
+    billed), from a collected outcome table or from the live LM.
+
+    ## Action Space
+    ``Discrete(n_actions)`` over the action table (modes outer, budgets inner), or
+    with ``action_type="multidiscrete"`` a ``MultiDiscrete([n_budgets, n_modes])``.
+    :meth:`action_masks` says which actions are valid for the current query (for
+    MaskablePPO); an invalid action is replaced by the cheapest valid one.
+
+    ## Observation Space
+    ``Box(-inf, inf, (feature_dim,), float32)``: the query's features from
+    :class:`tokenopt.PromptFeatures`.
+
+    ## Rewards
+    ``EM - cost_weight * cost``, with ``cost`` from :class:`tokenopt.CostModel`
+    (price per billed token, optional price per prompt token, a normaliser).
+
+    ## Episode End
+    After one step: ``terminated=True``. ``info`` has ``em``, ``billed_tokens``,
+    ``action`` (its name) and ``query_id``.
+
+    ## Arguments
+    - ``table``: an outcome-table folder, or ``backend``: any :class:`OutcomeBackend`.
+    - ``split``: ``train``, ``val`` or ``test``.
+    - ``cost_weight``, ``token_price``, ``prompt_token_price``, ``cost_normalizer``: the cost model.
+    - ``action_type``: ``discrete`` or ``multidiscrete``.
+    - ``budgets``, ``modes``: when given, the table must have exactly this action set.
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        table: str | Path | None = None,
+        split: str = "train",
+        cost_weight: float = 0.01,
+        token_price: float = 1.0,
+        prompt_token_price: float = 0.0,
+        cost_normalizer: float = 1.0,
+        action_type: str = "discrete",
+        budgets: list[int] | None = None,
+        modes: list[str] | None = None,
+        backend: OutcomeBackend | None = None,
+    ) -> None:
+        if (table is None) == (backend is None):
+            raise ValueError("give exactly one of table (an outcome-table folder) or backend")
+        self.backend: OutcomeBackend = backend if backend is not None else TableBackend(table, split, budgets, modes)
+        self.split = split
+        self.cost_model = CostModel(cost_weight, token_price, prompt_token_price, cost_normalizer)
+        self.actions = self.backend.actions
+        self.budgets = sorted({a.budget for a in self.actions})
+        self.modes = list(dict.fromkeys(a.mode for a in self.actions))
+        if action_type == "discrete":
+            self.action_space: spaces.Space[Any] = spaces.Discrete(len(self.actions))
+        elif action_type == "multidiscrete":
+            if len(self.actions) != len(self.budgets) * len(self.modes):
+                raise ValueError("a multidiscrete action space needs the full budgets x modes table")
+            self.action_space = spaces.MultiDiscrete([len(self.budgets), len(self.modes)])
+        else:
+            raise ValueError(f"unknown action_type {action_type!r}: expected discrete or multidiscrete")
+        self.action_type = action_type
+        dim = self.backend.features.shape[1]
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self._query = 0
+        self._cheapest = int(np.argmin([a.budget * 1000 + self.modes.index(a.mode) for a in self.actions]))
+
+    @property
+    def cost_weight(self) -> float:
+        """The current lambda (a Lagrangian callback may change it)."""
+        return self.cost_model.cost_weight
+
+    def set_cost_weight(self, value: float) -> None:
+        """Set lambda, e.g. from a dual-ascent callback."""
+        self.cost_model = CostModel(
+            value, self.cost_model.token_price, self.cost_model.prompt_token_price, self.cost_model.normalizer
+        )
+
+    def _action_index(self, action: Any) -> int:
+        if self.action_type == "multidiscrete":
+            budget_index, mode_index = (int(x) for x in np.asarray(action).reshape(-1))
+            return mode_index * len(self.budgets) + budget_index
+        return int(np.asarray(action).reshape(-1)[0])
+
+    def action_masks(self) -> np.ndarray:
+        """Valid actions for the current query (flat, or budgets then modes for multidiscrete)."""
+        mask = self.backend.action_mask(self._query)
+        if self.action_type == "multidiscrete":
+            grid = mask.reshape(len(self.modes), len(self.budgets))
+            return np.concatenate([grid.any(axis=0), grid.any(axis=1)])
+        return mask
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Draw a query (or take ``options["query_index"]``) and return its features."""
+        super().reset(seed=seed)
+        if options and "query_index" in options:
+            self._query = int(options["query_index"])
+        else:
+            self._query = int(self.np_random.integers(len(self.backend.query_ids)))
+        return self.backend.features[self._query].copy(), {"query_id": self.backend.query_ids[self._query]}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Apply the action to the current query; the episode ends."""
+        index = self._action_index(action)
+        if not 0 <= index < len(self.actions):
+            raise ValueError(f"action {action!r} is outside the action table of {len(self.actions)} actions")
+        if not self.backend.action_mask(self._query)[index]:
+            index = self._cheapest
+        outcome = self.backend.outcome(self._query, index)
+        reward = float(self.cost_model.reward(outcome.exact_match, outcome.billed_tokens, outcome.prompt_tokens))
+        info = {
+            "em": outcome.exact_match,
+            "billed_tokens": outcome.billed_tokens,
+            "action": self.actions[index].name,
+            "query_id": self.backend.query_ids[self._query],
+        }
+        return self.backend.features[self._query].copy(), reward, True, False, info

@@ -1,0 +1,148 @@
+"""``tokenopt/TokenBudgetStream-v0``: a stream of queries that share one token budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from tokenopt.envs.backends import OutcomeBackend, TableBackend
+
+__all__ = ["TokenBudgetStreamEnv"]
+
+
+class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
+    """A stream of queries sharing one total token budget.
+
+    ## Description
+    An episode is a stream of ``stream_length`` queries drawn from the split. They
+    share ``total_budget`` billed tokens: the agent must save tokens on easy queries
+    to spend them on hard ones. Overspending is impossible: an action that costs
+    more than what is left falls back to the cheapest action, and once the budget
+    is spent a query that cannot afford even the cheapest action scores 0 and costs
+    nothing.
+
+    ## Action Space
+    ``Discrete(n_actions)`` over the action table; :meth:`action_masks` hides the
+    actions that no longer fit in what is left (when their cost is known, i.e. from
+    a table).
+
+    ## Observation Space
+    ``Box(-inf, inf, (feature_dim + 2,), float32)``: the query's features, then the
+    fraction of the token budget left and the fraction of queries left.
+
+    ## Rewards
+    The exact match of each query (the budget is the only cost).
+
+    ## Episode End
+    ``terminated=True`` after the last query of the stream.
+
+    ## Arguments
+    - ``table`` or ``backend``; ``split``.
+    - ``stream_length``: queries per episode (default 16).
+    - ``total_budget``: billed tokens for the whole stream; default
+      ``budget_fraction`` times the tokens of the most expensive greedy action
+      summed over the stream (the mean over the split).
+    - ``budget_fraction``: see above (default 0.5).
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        table: str | Path | None = None,
+        split: str = "train",
+        stream_length: int = 16,
+        total_budget: float | None = None,
+        budget_fraction: float = 0.5,
+        backend: OutcomeBackend | None = None,
+    ) -> None:
+        if (table is None) == (backend is None):
+            raise ValueError("give exactly one of table (an outcome-table folder) or backend")
+        if stream_length < 1:
+            raise ValueError(f"stream_length must be >= 1; got {stream_length}")
+        self.backend: OutcomeBackend = backend if backend is not None else TableBackend(table, split)
+        self.actions = self.backend.actions
+        self.stream_length = stream_length
+        if total_budget is None:
+            if not 0 < budget_fraction:
+                raise ValueError(f"budget_fraction must be > 0; got {budget_fraction}")
+            greedy = [i for i, a in enumerate(self.actions) if a.mode == "greedy"] or list(range(len(self.actions)))
+            largest = max(greedy, key=lambda i: self.actions[i].budget)
+            mean_tokens = np.mean(
+                [self.backend.outcome(q, largest).billed_tokens for q in range(len(self.backend.query_ids))]
+            )
+            total_budget = budget_fraction * stream_length * float(mean_tokens)
+        if total_budget <= 0:
+            raise ValueError(f"total_budget must be > 0; got {total_budget}")
+        self.total_budget = float(total_budget)
+        self._cheapest = int(np.argmin([a.budget * 1000 + (a.mode != "greedy") for a in self.actions]))
+        self.action_space: spaces.Space[Any] = spaces.Discrete(len(self.actions))
+        dim = self.backend.features.shape[1] + 2
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self._order = np.zeros(stream_length, dtype=np.int64)
+        self._position = 0
+        self._left = self.total_budget
+
+    def _observation(self) -> np.ndarray:
+        query = self._order[min(self._position, self.stream_length - 1)]
+        extra = np.array(
+            [self._left / self.total_budget, (self.stream_length - self._position) / self.stream_length],
+            dtype=np.float32,
+        )
+        return np.concatenate([self.backend.features[query], extra]).astype(np.float32)
+
+    def action_masks(self) -> np.ndarray:
+        """Actions valid for the current query whose cost fits in what is left."""
+        query = int(self._order[self._position])
+        mask = self.backend.action_mask(query)
+        if isinstance(self.backend, TableBackend):
+            costs = self.backend.matrix.billed_tokens[query]
+            mask = mask & (costs <= self._left)
+        if not mask.any():
+            mask[self._cheapest] = True
+        return mask
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Draw a new stream and give the first query."""
+        super().reset(seed=seed)
+        self._order = self.np_random.integers(len(self.backend.query_ids), size=self.stream_length)
+        self._position = 0
+        self._left = self.total_budget
+        return self._observation(), {"total_budget": self.total_budget}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Answer the current query with the action, within what is left."""
+        index = int(np.asarray(action).reshape(-1)[0])
+        if not 0 <= index < len(self.actions):
+            raise ValueError(f"action {action!r} is outside the action table of {len(self.actions)} actions")
+        query = int(self._order[self._position])
+        if not self.backend.action_mask(query)[index]:
+            index = self._cheapest
+        outcome = self.backend.outcome(query, index)
+        if outcome.billed_tokens > self._left:
+            index = self._cheapest
+            outcome = self.backend.outcome(query, index)
+        if outcome.billed_tokens > self._left:
+            exact, billed = 0.0, 0.0
+        else:
+            exact, billed = outcome.exact_match, outcome.billed_tokens
+        self._left -= billed
+        self._position += 1
+        terminated = self._position >= self.stream_length
+        info = {
+            "em": exact,
+            "billed_tokens": billed,
+            "action": self.actions[index].name,
+            "query_id": self.backend.query_ids[query],
+            "budget_left": self._left,
+        }
+        return self._observation(), float(exact), terminated, False, info
