@@ -4,11 +4,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
-torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -25,3 +23,15 @@ def demo_lm():
     from tokenopt.lm.backend import TransformersLM
 
     return TransformersLM(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An outcome table of 1,500 demo queries (all splits), collected with the embedded LM."""
+    from tokenopt.collect import CollectConfig, collect
+
+    root = tmp_path_factory.mktemp("demo_table")
+    questions = root / "questions.jsonl"
+    write_jsonl(generate_suite(SuiteConfig(n_queries=1500, seed=5)), questions)
+    collect(CollectConfig(out=str(root / "table"), data=str(questions)))
+    return root / "table"

@@ -52,9 +52,8 @@ def property_questions(tmp_path_factory):
     return path
 
 
-def test_embedded_lm_has_the_demo_properties(tmp_path, property_questions):
-    out = tmp_path / "table"
-    collect(CollectConfig(out=str(out), data=str(property_questions), splits=["test"]))
+def test_embedded_lm_has_the_demo_properties(demo_table):
+    out = demo_table
     checks = {check.name: check for check in check_properties(out)}
     failed = [f"{c.name}: {c.detail}" for c in checks.values() if not c.passed]
     assert not failed, failed

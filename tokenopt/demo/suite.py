@@ -13,7 +13,8 @@ within them, so that no single (budget, mode) action is right for every query:
   ball's position after each swap, then re-checks them after ``|``, as larger LMs
   "overthink" once the answer has settled: a budget that covers the first pass is
   as good as the largest one at about half the tokens.
-- ``noise``: an answer that is a hash of the question. The LM still "reasons"
+- ``noise``: an answer that is a hash of the question (0 in 7 cases of 16, else
+  1 to 9). The LM still "reasons"
   (it copies the key and re-checks it), but no budget helps: the right action is
   to spend nothing.
 - ``vote``: the answer is a copy of the two digits in the question, but the
@@ -136,9 +137,13 @@ def _max_of_digits(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
 def _noise(rng: np.random.Generator) -> tuple[str, str, str]:
     key = "".join(str(int(x)) for x in rng.integers(0, 10, size=6))
     digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    # A hash skewed towards 0 (7 in 16): the LM's best guess is 0 whatever it has
+    # written, so no action is luckier than another on this family.
+    value = digest[0] % 16
+    answer = "0" if value < 7 else str(value - 6)
     # The LM copies the key and re-checks it: reasoning that cannot help.
     first_pass = " ".join(key)
-    return f"N {key}?", f"{first_pass}{RECHECK_MARK}{first_pass}", str(digest[0] % 10)
+    return f"N {key}?", f"{first_pass}{RECHECK_MARK}{first_pass}", answer
 
 
 def _vote(rng: np.random.Generator) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
