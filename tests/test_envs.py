@@ -98,3 +98,23 @@ def test_bad_configuration_is_named(demo_table, tmp_path):
     shutil.rmtree(empty / "outcomes")
     with pytest.raises(ValueError, match="no outcome shards"):
         TokenBudgetEnv(table=str(empty))
+
+
+def test_live_lm_backend_agrees_with_the_table_for_greedy(demo_table, demo_lm):
+    from tokenopt.data import load_questions
+    from tokenopt.envs import LiveLMBackend
+
+    queries = load_questions(demo_table.parent / "questions.jsonl")
+    live = LiveLMBackend(queries[:40], demo_lm, split="val")
+    table = TableBackend(str(demo_table), "val")
+    row_of = {query_id: i for i, query_id in enumerate(table.query_ids)}
+    env = TokenBudgetEnv(backend=live)
+    greedy = [i for i, action in enumerate(env.actions) if action.mode == "greedy"]
+    for query in range(min(4, len(live.query_ids))):
+        for action in greedy:
+            env.reset(seed=0, options={"query_index": query})
+            _, _, _, _, info = env.step(action)
+            expected = table.outcome(row_of[info["query_id"]], action)
+            assert (info["em"], info["billed_tokens"]) == (expected.exact_match, expected.billed_tokens)
+    np.testing.assert_array_equal(live.features[0], table.features[row_of[live.query_ids[0]]])
+    assert live.action_mask(0).all()

@@ -46,3 +46,16 @@ def test_every_command_explains_its_options(command):
         for option in ("--data", "--model", "--budgets", "--modes", "--answer-cue", "--strict", "--seed"):
             assert option in result.stdout
         assert "0,4,8,16,32" in result.stdout
+
+
+def test_ci_runs_the_readme_quick_start():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2
+    ci_lines = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    for command in commands:
+        assert command in ci_lines, command

@@ -32,7 +32,7 @@ class PropertyThresholds:
     direct_chance: float = 0.4
     """Highest EM of ``chain`` at budget 0 for difficulty >= 4 (near chance)."""
     noise_spread: float = 0.1
-    """Largest EM difference between actions on ``noise``."""
+    """Largest EM difference between budgets of one mode on ``noise``."""
     mode_gain: float = 0.2
     """Gain of the best non-greedy mode over greedy on ``vote`` at budget 0."""
     oracle_gap: float = 0.15
@@ -140,16 +140,21 @@ def check_properties(
             )
         )
     noise = families == "noise"
-    noise_em = [em(noise, action) for action in actions]
-    spread = max(noise_em) - min(noise_em)
+    spreads = {}
+    for mode in modes:
+        by_budget = [em(noise, f"b{b}/{mode}") for b in budgets]
+        spreads[mode] = max(by_budget) - min(by_budget)
+    spread = max(spreads.values())
     checks.append(
         PropertyCheck(
             "no budget helps (noise)",
             spread,
             thresholds.noise_spread,
             spread <= thresholds.noise_spread,
-            f"EM between {min(noise_em):.2f} and {max(noise_em):.2f} over all actions; "
-            f"{tokens(noise, first):.1f} to {tokens(noise, last):.1f} tokens for greedy",
+            "largest EM difference between budgets: "
+            + ", ".join(f"{mode} {value:.2f}" for mode, value in spreads.items())
+            + f"; greedy EM {em(noise, first):.2f} with {tokens(noise, first):.1f} tokens at {first}, "
+            f"{em(noise, last):.2f} with {tokens(noise, last):.1f} at {last}",
         )
     )
     vote = families == "vote"
