@@ -31,7 +31,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     MaskablePPO); an invalid action is replaced by the cheapest valid one.
 
     ## Observation Space
-    ``Box(-inf, inf, (feature_dim,), float32)``: the query's features from
+    ``Box(0, float32 max, (feature_dim,), float32)``: the query's features from
     :class:`tokenopt.PromptFeatures`.
 
     ## Rewards
@@ -86,7 +86,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
             raise ValueError(f"unknown action_type {action_type!r}: expected discrete or multidiscrete")
         self.action_type = action_type
         dim = self.backend.features.shape[1]
-        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, np.finfo(np.float32).max, shape=(dim,), dtype=np.float32)
         self._query = 0
         self._cheapest = int(np.argmin([a.budget * 1000 + self.modes.index(a.mode) for a in self.actions]))
 

@@ -31,7 +31,7 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
     a table).
 
     ## Observation Space
-    ``Box(-inf, inf, (feature_dim + 2,), float32)``: the query's features, then the
+    ``Box(0, float32 max, (feature_dim + 2,), float32)``: the query's features, then the
     fraction of the token budget left and the fraction of queries left.
 
     ## Rewards
@@ -85,7 +85,7 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
         self._cheapest = int(np.argmin([a.budget * 1000 + (a.mode != "greedy") for a in self.actions]))
         self.action_space: spaces.Space[Any] = spaces.Discrete(len(self.actions))
         dim = self.backend.features.shape[1] + 2
-        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, np.finfo(np.float32).max, shape=(dim,), dtype=np.float32)
         self._order = np.zeros(stream_length, dtype=np.int64)
         self._position = 0
         self._left = self.total_budget

@@ -90,7 +90,7 @@ def test_bad_configuration_is_named(demo_table, tmp_path):
     with pytest.raises(ValueError, match="collect the table with the same --budgets and --modes"):
         TokenBudgetEnv(table=str(demo_table), budgets=[0, 8])
     matrix = OutcomeMatrix.from_table(demo_table)
-    matrix.features[4, 2] = np.nan
+    matrix.features[np.flatnonzero(matrix.splits == "train")[4], 2] = np.nan
     with pytest.raises(ValueError, match="feature 2 of query row .* is nan"):
         TableBackend(matrix, "train")
     empty = tmp_path / "empty"
