@@ -58,7 +58,7 @@ RECHECK_MARK = "|"
 FAMILIES = ("max", "chain", "swap", "noise", "vote")
 """The suite's task families, in a fixed order."""
 
-_FAMILY_WEIGHTS = {"max": 0.2, "chain": 0.25, "swap": 0.25, "noise": 0.15, "vote": 0.15}
+_FAMILY_WEIGHTS = {"max": 0.25, "chain": 0.2, "swap": 0.2, "noise": 0.2, "vote": 0.15}
 TRAINING_WEIGHTS = {"max": 0.15, "chain": 0.35, "swap": 0.25, "noise": 0.1, "vote": 0.15}
 _DIFFICULTY_RANGE = {"max": (3, 8), "chain": (1, 6), "swap": (1, 5), "noise": (1, 1), "vote": (1, 1)}
 _VOTE_DECOYS = ("x1", "x2", "x3")
