@@ -90,6 +90,8 @@ class DecodeStats:
 class _Row:
     group: int
     uniforms: np.ndarray | None
+    slot: int = 0
+    """The row's position in the initial batch (greedy and sc rows are never reordered)."""
     reasoning: list[int] = field(default_factory=list)
     answer: list[int] = field(default_factory=list)
     answer_logprob: float = 0.0
@@ -416,7 +418,7 @@ def decode_with_budgets(
             if mode.kind == "sc":
                 seed = 0 if seeds is None else seeds[group]
                 uniforms = np.random.default_rng([seed, sample]).random(max_steps)
-            rows.append(_Row(group=group, uniforms=uniforms))
+            rows.append(_Row(group=group, uniforms=uniforms, slot=len(rows)))
     if width > 1:
         cache.batch_repeat_interleave(width)  # type: ignore[attr-defined]
         attention = attention.repeat_interleave(width, dim=0)
@@ -428,6 +430,8 @@ def decode_with_budgets(
         for index, row in enumerate(state.rows):
             row.score = 0.0 if index % width == 0 else float("-inf")
 
+    if mode.kind != "beam":
+        return (*_decode_independent_rows(state, budgets, len(prompts), started), stats)
     outcomes: list[dict[int, list[SequenceOutcome]]] = [{} for _ in prompts]
     latency: list[dict[int, float]] = [{} for _ in prompts]
     pending: dict[int, list[int]] = {group: [] for group in range(len(prompts))}
@@ -468,3 +472,71 @@ def decode_with_budgets(
             outcomes[group][budget] = result
             latency[group][budget] = elapsed
     return outcomes, latency, stats
+
+
+def _decode_independent_rows(
+    state: _State, budgets: list[int], n_groups: int, started: float
+) -> tuple[list[dict[int, list[SequenceOutcome]]], list[dict[int, float]]]:
+    """Greedy and sc<k>: rows never interact, so each is forked and finished on its own.
+
+    At a budget only the rows still reasoning are forked; a row that stopped by
+    itself keeps its main-pass outcome. Finished rows leave the main batch so that
+    they cost no further forward passes.
+    """
+    n_rows = len(state.rows)
+    group_of = [row.group for row in state.rows]
+    forced: dict[int, dict[int, SequenceOutcome]] = {budget: {} for budget in budgets}
+    forced_at: dict[int, float] = {}
+    final: dict[int, SequenceOutcome] = {}
+    final_at: dict[int, float] = {}
+
+    def retire_done() -> None:
+        done = [i for i, row in enumerate(state.rows) if row.phase == _DONE]
+        if not done:
+            return
+        now = (time.perf_counter() - started) * 1000.0
+        for i in done:
+            final[state.rows[i].slot] = state.rows[i].outcome()
+            final_at[state.rows[i].slot] = now
+        if len(done) * 4 >= len(state.rows) or len(done) == len(state.rows):
+            keep = [i for i, row in enumerate(state.rows) if row.phase != _DONE]
+            if keep:
+                state.select(keep)
+            else:
+                state.rows = []
+
+    for step in range(budgets[-1] + 1):
+        if step in budgets:
+            reasoning = [i for i, row in enumerate(state.rows) if row.phase == _REASONING]
+            if reasoning:
+                branch = state.fork(reasoning)
+                branch.force_answer()
+                branch.finish()
+                forced_at[step] = (time.perf_counter() - started) * 1000.0
+                for row in branch.rows:
+                    forced[step][row.slot] = row.outcome()
+        if step == budgets[-1] or not any(row.phase == _REASONING for row in state.rows):
+            break
+        state.step()
+        retire_done()
+    # Rows still reasoning at the largest budget were forced there; the rest answer
+    # in the main pass.
+    keep = [i for i, row in enumerate(state.rows) if row.phase != _REASONING]
+    if keep:
+        state.select(keep)
+        while state.rows and state.alive():
+            state.step()
+            retire_done()
+        retire_done()
+    outcomes: list[dict[int, list[SequenceOutcome]]] = [{} for _ in range(n_groups)]
+    latency: list[dict[int, float]] = [{} for _ in range(n_groups)]
+    for budget in budgets:
+        for slot in range(n_rows):
+            group = group_of[slot]
+            if slot in forced[budget]:
+                outcome, at = forced[budget][slot], forced_at[budget]
+            else:
+                outcome, at = final[slot], final_at[slot]
+            outcomes[group].setdefault(budget, []).append(outcome)
+            latency[group][budget] = max(latency[group].get(budget, 0.0), at)
+    return outcomes, latency
