@@ -72,6 +72,7 @@ class BudgetPolicy:
         self.epsilon = float(normalization["epsilon"])
         self.obs_mean = arrays["obs_mean"].astype(np.float64)
         self.obs_var = arrays["obs_var"].astype(np.float64)
+        self._inverse_std = 1.0 / np.sqrt(self.obs_var + self.epsilon)
         self.members: list[list[tuple[np.ndarray, np.ndarray, str]]] = []
         for member in spec["members"]:  # type: ignore[attr-defined]
             layers = []
@@ -137,17 +138,26 @@ class BudgetPolicy:
 
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
-        x = np.atleast_2d(np.asarray(observations, dtype=np.float64))
-        x = np.clip((x - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon), -self.clip, self.clip)
-        total = np.zeros((x.shape[0], len(self.actions)))
+        x = np.array(observations, dtype=np.float64, ndmin=2)
+        x -= self.obs_mean
+        x *= self._inverse_std
+        np.clip(x, -self.clip, self.clip, out=x)
+        total: np.ndarray | None = None
         for layers in self.members:
             h = x
             for weight, bias, activation in layers:
-                h = _ACTIVATIONS[activation](h @ weight + bias)
-            h = h - h.max(axis=1, keepdims=True)
-            exp = np.exp(h)
-            total += exp / exp.sum(axis=1, keepdims=True)
-        return total / len(self.members)
+                h = h @ weight
+                h += bias
+                if activation == "tanh":
+                    np.tanh(h, out=h)
+                elif activation == "relu":
+                    np.maximum(h, 0.0, out=h)
+            h -= h.max(axis=1, keepdims=True)
+            np.exp(h, out=h)
+            h /= h.sum(axis=1, keepdims=True)
+            total = h if total is None else total + h
+        assert total is not None
+        return total / len(self.members) if len(self.members) > 1 else total
 
     def _decision(self, probabilities: np.ndarray) -> Decision:
         index = int(np.argmax(probabilities))
