@@ -58,6 +58,7 @@ def export_run(run_dir: str | Path, onnx: bool = False) -> Path:
         clip=float(normalizer.clip_obs),
         epsilon=float(normalizer.epsilon),
         answer_tokens=answer_tokens,
+        extra_inputs=["budget_left_fraction", "queries_left_fraction"] if config.get("env") == "stream" else [],
         policy_id=f"{run_dir.name}",
         env_id=str(config.get("env_id", "tokenopt/TokenBudget-v0")),
         metadata={"table": config["table"], "cost_weight": config["cost_weight"], "algo": config["algo"]},

@@ -181,20 +181,69 @@ class _Predictor:
         return np.asarray(actions).reshape(-1)
 
 
+Validator = Callable[[Any, Any], tuple[dict[str, float], dict[str, float]]]
+
+
+def _budget_validator(config: TrainConfig, val: OutcomeMatrix, train_sample: OutcomeMatrix) -> Validator:
+    """Validation on TokenBudget-v0: every val query once, actions looked up in the table."""
+    reference = _max_budget_greedy(val)
+    reference_em = float(val.exact_match[:, reference].mean())
+    report_cost = CostModel(config.cost_weight, config.token_price, config.prompt_token_price)
+    assert val.features is not None and train_sample.features is not None
+    val_features, train_features = val.features, train_sample.features
+
+    def validate(model: Any, vec_env: Any) -> tuple[dict[str, float], dict[str, float]]:
+        predict = _Predictor(model, vec_env)
+        metrics = evaluate_actions(val, predict(val_features), report_cost, reference_em)
+        return metrics, evaluate_actions(train_sample, predict(train_features), report_cost)
+
+    return validate
+
+
+def _stream_validator(config: TrainConfig, matrix: OutcomeMatrix, episodes: int = 40) -> Validator:
+    """Validation on TokenBudgetStream-v0: seeded streams of val (and train) queries."""
+    from tokenopt.envs import TableBackend, TokenBudgetStreamEnv
+
+    envs = {split: TokenBudgetStreamEnv(backend=TableBackend(matrix, split)) for split in ("val", "train")}
+    reference_em = float(matrix.subset("val").exact_match[:, _max_budget_greedy(matrix)].mean())
+
+    def run(model: Any, vec_env: Any, env: Any) -> dict[str, float]:
+        predict = _Predictor(model, vec_env)
+        exact = tokens = 0.0
+        steps = 0
+        for episode in range(episodes):
+            observation, _ = env.reset(seed=config.seed * 7919 + episode)
+            done = False
+            while not done:
+                observation, _, done, _, info = env.step(int(predict(observation[None, :])[0]))
+                exact += info["em"]
+                tokens += info["billed_tokens"]
+                steps += 1
+        em = exact / steps
+        return {
+            "em": em,
+            "tokens": tokens / steps,
+            "reward": em,
+            "gap_recovered": float("nan"),
+            "em_drop_points": 100.0 * (reference_em - em),
+        }
+
+    def validate(model: Any, vec_env: Any) -> tuple[dict[str, float], dict[str, float]]:
+        return run(model, vec_env, envs["val"]), run(model, vec_env, envs["train"])
+
+    return validate
+
+
 def _make_callback(
     config: TrainConfig,
     run_dir: Path,
-    val: OutcomeMatrix,
-    train_sample: OutcomeMatrix,
+    validate: Validator,
     vec_env: Any,
     hparams: dict[str, Any],
     progress: Callable[[int, int, dict[str, float]], None] | None,
 ) -> Any:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.logger import HParam
-
-    reference = _max_budget_greedy(val)
-    reference_em = float(val.exact_match[:, reference].mean())
 
     class ValidationCallback(BaseCallback):
         """Validate, adapt lambda, keep the best model and stop early."""
@@ -236,11 +285,7 @@ def _make_callback(
             if self.num_timesteps - self.last_eval < config.eval_freq:
                 return True
             self.last_eval = self.num_timesteps
-            predict = _Predictor(self.model, vec_env)
-            report_cost = CostModel(config.cost_weight, config.token_price, config.prompt_token_price)
-            assert val.features is not None and train_sample.features is not None
-            metrics = evaluate_actions(val, predict(val.features), report_cost, reference_em)
-            train_metrics = evaluate_actions(train_sample, predict(train_sample.features), report_cost)
+            metrics, train_metrics = validate(self.model, vec_env)
             for key in ("em", "tokens", "reward", "gap_recovered"):
                 self.logger.record(f"eval/{key}", metrics[key])
             self.logger.record("eval/train_reward", train_metrics["reward"])
@@ -347,7 +392,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     from stable_baselines3.common.vec_env import VecNormalize
 
     import tokenopt.envs  # noqa: F401  (registers the environments)
-    from tokenopt.envs import TableBackend, TokenBudgetEnv
+    from tokenopt.envs import TableBackend, TokenBudgetEnv, TokenBudgetStreamEnv
 
     started = time.perf_counter()
     if config.env not in ENV_IDS:
@@ -356,8 +401,6 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
         raise ValueError(f"unknown algo {config.algo!r}: expected ppo or maskable_ppo")
     if config.em_floor is not None and config.token_target is not None:
         raise ValueError("give at most one constraint: --em-floor or --token-target")
-    if config.env != "budget":
-        raise ValueError("training on the stream environment is not supported yet; use --env budget")
     env_id = ENV_IDS[config.env]
     hyperparams = load_config(config.config_file, env_id)
     _check_keys(hyperparams, config.config_file)
@@ -375,12 +418,19 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     (run_dir / "command.txt").write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
 
     torch.set_num_threads(config.threads)
-    env_kwargs: dict[str, Any] = {
-        "backend": TableBackend(matrix, "train"),
-        "cost_weight": config.cost_weight,
-        "token_price": config.token_price,
-        "prompt_token_price": config.prompt_token_price,
-    }
+    if config.env == "budget":
+        env_class: Any = TokenBudgetEnv
+        env_kwargs: dict[str, Any] = {
+            "backend": TableBackend(matrix, "train"),
+            "cost_weight": config.cost_weight,
+            "token_price": config.token_price,
+            "prompt_token_price": config.prompt_token_price,
+        }
+    else:
+        if config.em_floor is not None or config.token_target is not None:
+            raise ValueError("--em-floor and --token-target apply to --env budget; the stream has its own budget")
+        env_class = TokenBudgetStreamEnv
+        env_kwargs = {"backend": TableBackend(matrix, "train")}
     n_envs = int(hyperparams.pop("n_envs", 8))
     total = int(config.total_timesteps or hyperparams.pop("n_timesteps", 60000))
     hyperparams.pop("n_timesteps", None)
@@ -388,7 +438,7 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     policy_kwargs = _policy_kwargs(hyperparams.pop("policy_kwargs", {}))
     hyperparams.pop("policy", None)
     ppo_kwargs = {key: _schedule(value) for key, value in hyperparams.items()}
-    vec_env = make_vec_env(TokenBudgetEnv, n_envs=n_envs, seed=config.seed, env_kwargs=env_kwargs)
+    vec_env = make_vec_env(env_class, n_envs=n_envs, seed=config.seed, env_kwargs=env_kwargs)
     vec_env = VecNormalize(vec_env, norm_obs=normalize, norm_reward=False, clip_obs=10.0)
     if config.algo == "maskable_ppo":
         try:
@@ -421,7 +471,11 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
         "ent_coef": float(ppo_kwargs.get("ent_coef", 0.0)),
         "seed": config.seed,
     }
-    callback = _make_callback(config, run_dir, val, train_sample, vec_env, hparams, progress)
+    if config.env == "budget":
+        validate = _budget_validator(config, val, train_sample)
+    else:
+        validate = _stream_validator(config, matrix)
+    callback = _make_callback(config, run_dir, validate, vec_env, hparams, progress)
     model.learn(total_timesteps=total, callback=callback)
     best = callback.best_metrics
     if not best:
@@ -429,12 +483,12 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
         vec_env.save(str(run_dir / "checkpoints" / "vecnormalize.pkl"))
     best_model = algo_class.load(run_dir / "checkpoints" / "best_model.zip", device="cpu")
     stats = VecNormalize.load(str(run_dir / "checkpoints" / "vecnormalize.pkl"), vec_env.venv)
-    assert val.features is not None
-    chosen = _Predictor(best_model, stats)(val.features)
-    _log_figures(
-        model.logger, val, chosen, CostModel(config.cost_weight, config.token_price, config.prompt_token_price)
-    )
-    model.logger.dump(model.num_timesteps)
+    if config.env == "budget":
+        assert val.features is not None
+        chosen = _Predictor(best_model, stats)(val.features)
+        figure_cost = CostModel(config.cost_weight, config.token_price, config.prompt_token_price)
+        _log_figures(model.logger, val, chosen, figure_cost)
+        model.logger.dump(model.num_timesteps)
     summary = {
         "best_val": best,
         "timesteps": int(model.num_timesteps),

@@ -153,3 +153,27 @@ def test_token_target_adapts_lambda(demo_table, tmp_path):
     unconstrained_tokens = matrix.billed_tokens.mean(axis=0).max()
     assert result.best_metrics["tokens"] < unconstrained_tokens
     assert CostModel(result.cost_weight).cost_weight == result.cost_weight
+
+
+def test_maskable_ppo_trains_and_exports(demo_table, tmp_path):
+    run = tmp_path / "maskable"
+    result = train(
+        TrainConfig(table=str(demo_table), out=str(run), algo="maskable_ppo", total_timesteps=8192, eval_freq=4096)
+    )
+    assert result.timesteps >= 8192
+    export_run(run)
+    assert BudgetPolicy.load(run / "policy").decide("M 1 9 3?").action.startswith("b")
+
+
+def test_stream_training_exports_a_policy_with_budget_inputs(demo_table, tmp_path):
+    run = tmp_path / "stream"
+    result = train(TrainConfig(table=str(demo_table), out=str(run), env="stream", total_timesteps=8192, eval_freq=4096))
+    assert 0.0 <= result.best_metrics["em"] <= 1.0
+    assert result.best_metrics["tokens"] > 0
+    export_run(run)
+    policy = BudgetPolicy.load(run / "policy")
+    assert policy.extra_inputs == ["budget_left_fraction", "queries_left_fraction"]
+    with pytest.raises(ValueError, match="also needs the inputs"):
+        policy.decide("C 1+2?")
+    decision = policy.decide("C 1+2?", extras=np.array([0.5, 0.25]))
+    assert decision.probabilities.shape == (len(policy.actions),)

@@ -219,6 +219,9 @@ def train(
     config: Annotated[
         Path | None, typer.Option(help="YAML of PPO hyperparameters keyed by env id. Default: agents/configs/ppo.yml.")
     ] = None,
+    env: Annotated[
+        str, typer.Option(help="budget (TokenBudget-v0, one query per episode) or stream (TokenBudgetStream-v0).")
+    ] = "budget",
     algo: Annotated[str, typer.Option(help="ppo, or maskable_ppo (sb3-contrib).")] = "ppo",
     total_timesteps: Annotated[
         int | None, typer.Option(help="Environment steps. Default: n_timesteps from the YAML.")
@@ -250,6 +253,7 @@ def train(
         settings = TrainConfig(
             table=str(table),
             out=str(out),
+            env=env,
             algo=algo,
             config_file=str(config or CONFIG_DIR / "ppo.yml"),
             hyperparams=_parse_overrides(set_ or []),
