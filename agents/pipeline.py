@@ -72,6 +72,11 @@ def _export_onnx(model: Any, path: Path, n_inputs: int) -> None:
     """Logits-only ONNX export (the dynamo exporter fails on SB3's distributions)."""
     import torch
 
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ValueError("--onnx needs the onnx package: pip install 'tokenopt[onnx]'") from None
+
     class Logits(torch.nn.Module):
         def __init__(self, policy: Any) -> None:
             super().__init__()

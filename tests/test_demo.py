@@ -71,17 +71,21 @@ def test_rebuild_with_a_short_schedule_keeps_the_main_properties(tmp_path, prope
     out = tmp_path / "table"
     collect(CollectConfig(out=str(out), data=str(property_questions), model=str(model_dir), splits=["test"]))
     weaker = PropertyThresholds(
-        direct_em=0.8, reasoning_em=0.5, direct_chance=0.45, noise_spread=0.15, mode_gain=0.1, oracle_gap=0.08
+        direct_em=0.8, reasoning_em=0.5, direct_chance=0.45, noise_spread=0.15, mode_gain=0.2, oracle_gap=0.1
     )
     checks = check_properties(out, thresholds=weaker)
     by_name = {check.name: check for check in checks}
+    report = "; ".join(f"{c.name}: {c.detail}" for c in checks)
+    # A short schedule learns the direct, noise and vote families; the multi-step
+    # scratchpads (chain, swap) need the full schedule, whose properties the test
+    # above checks on the committed LM.
     for name in (
         "answered at budget 0 (max)",
-        "EM rises with the budget (swap)",
         "no budget helps (noise)",
+        "a non-greedy mode beats greedy (vote)",
         "oracle beats the best fixed action",
     ):
-        assert by_name[name].passed, by_name[name].detail
+        assert by_name[name].passed, report
 
 
-SHORT_STEPS = 500
+SHORT_STEPS = 1000

@@ -177,3 +177,17 @@ def test_stream_training_exports_a_policy_with_budget_inputs(demo_table, tmp_pat
         policy.decide("C 1+2?")
     decision = policy.decide("C 1+2?", extras=np.array([0.5, 0.25]))
     assert decision.probabilities.shape == (len(policy.actions),)
+
+
+def test_onnx_export_gives_the_same_actions(trained_run, demo_table):
+    import onnxruntime
+
+    run, _ = trained_run
+    export_run(run, onnx=True)
+    policy = BudgetPolicy.load(run / "policy")
+    matrix = OutcomeMatrix.from_table(demo_table)
+    observations = matrix.features[:300].astype(np.float64)
+    normalized = np.clip((observations - policy.obs_mean) / np.sqrt(policy.obs_var + policy.epsilon), -10, 10)
+    session = onnxruntime.InferenceSession(str(run / "policy" / "policy.onnx"))
+    (logits,) = session.run(None, {"observation": normalized.astype(np.float32)})
+    np.testing.assert_array_equal(logits.argmax(axis=1), policy.probabilities(observations).argmax(axis=1))
