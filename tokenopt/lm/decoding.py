@@ -22,6 +22,7 @@ This is exact, not an approximation:
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -336,12 +337,12 @@ class _State:
                 input_ids=input_ids,
                 attention_mask=self.attention,
                 position_ids=position_ids,
-                cache=self.cache,
                 use_cache=True,
+                **{_cache_argument(self.model): self.cache},
             )
         self.positions = self.positions + mask_column.squeeze(1).long()
         self.logits = output.logits[:, -1, :]
-        self.cache = output.cache
+        self.cache = _returned_cache(output)
         self.stats.forward_tokens += len(tokens)
         self.stats.forward_calls += 1
 
@@ -360,6 +361,24 @@ class _State:
         return [row.outcome() for row in self.rows if row.group == group]
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still
+    works there, with a warning); earlier releases know only ``past_key_values``.
+    """
+    name = getattr(model, "_tokenopt_cache_argument", None)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model._tokenopt_cache_argument = name  # type: ignore[assignment]
+    return str(name)
+
+
+def _returned_cache(output: object) -> object:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _prefill(
     model: torch.nn.Module, prompts: list[list[int]], pad_id: int, device: torch.device, stats: DecodeStats
 ) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,7 +394,7 @@ def _prefill(
     stats.forward_tokens += input_ids.numel()
     stats.forward_calls += 1
     positions = attention.sum(dim=1)
-    return output.cache, attention, positions, output.logits[:, -1, :]
+    return _returned_cache(output), attention, positions, output.logits[:, -1, :]
 
 
 def decode_with_budgets(
