@@ -58,7 +58,7 @@ class _ForwardCounter:
 
 def _left_pad(sequences, pad_id):
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # moved to the LM's device by the caller
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, sequence in enumerate(sequences):
         ids[i, width - len(sequence) :] = torch.tensor(sequence)
@@ -81,7 +81,7 @@ def _naive_generate(lm, prompts, modes, batch_size):
             for budget in BUDGETS:
                 contexts = [list(p) for p in batch for _ in range(mode.width if mode.kind == "sc" else 1)]
                 if budget > 0:
-                    ids, mask = _left_pad(batch, settings.pad_id)
+                    ids, mask = (t.to(lm.device) for t in _left_pad(batch, settings.pad_id))
                     out = lm.model.generate(
                         ids, attention_mask=mask, max_new_tokens=budget, pad_token_id=settings.pad_id,
                         eos_token_id=[*settings.cue_ids, *settings.eos_ids], **kwargs,
@@ -95,7 +95,7 @@ def _naive_generate(lm, prompts, modes, batch_size):
                     repeat = mode.width if mode.kind == "sc" else 1
                     contexts = [list(batch[i // repeat]) + trace for i, trace in enumerate(contexts)]
                 contexts = [c + list(settings.cue_ids) for c in contexts]
-                ids, mask = _left_pad(contexts, settings.pad_id)
+                ids, mask = (t.to(lm.device) for t in _left_pad(contexts, settings.pad_id))
                 answer_kwargs = dict(kwargs)
                 answer_kwargs.pop("num_return_sequences", None)
                 lm.model.generate(

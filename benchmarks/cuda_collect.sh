@@ -7,7 +7,7 @@ OUT=${OUT:-runs/cuda}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-start=$(date +%s.%N)
+SECONDS=0
 python3 -m tokenopt.cli collect --device cuda --dtype float32 --split test --shard-size 1000 --out "$OUT/table_cuda" 2>&1 | tail -2
-echo "collect wall s: $(echo "$(date +%s.%N) - $start" | bc)"
+echo "collect wall s: $SECONDS"
 python3 benchmarks/collect.py --device cuda --queries 256 2>&1 | grep -v "Loading weights" | tee "$OUT/bench_cuda.txt"
