@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,18 @@ def _export_onnx(model: Any, path: Path, n_inputs: int) -> None:
             latent = self.policy.mlp_extractor.forward_actor(observation)
             return self.policy.action_net(latent)
 
+    # The TorchScript exporter is deprecated but needs no onnxscript, and the dynamo
+    # exporter fails on SB3's distribution classes; the logits-only module suits both.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX")
+        _torchscript_export(Logits(model.policy).eval(), path, n_inputs)
+
+
+def _torchscript_export(module: Any, path: Path, n_inputs: int) -> None:
+    import torch
+
     torch.onnx.export(
-        Logits(model.policy).eval(),
+        module,
         (torch.zeros(1, n_inputs),),
         str(path),
         input_names=["observation"],
