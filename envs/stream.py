@@ -71,6 +71,9 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
         self.actions = self.backend.actions
         self.stream_length = stream_length
         if total_budget is None:
+            if not isinstance(self.backend, TableBackend):
+                # Deriving it would run the LM on every query of the split first.
+                raise ValueError("give total_budget when the backend is not an outcome table")
             if not 0 < budget_fraction:
                 raise ValueError(f"budget_fraction must be > 0; got {budget_fraction}")
             greedy = [i for i, a in enumerate(self.actions) if a.mode == "greedy"] or list(range(len(self.actions)))
