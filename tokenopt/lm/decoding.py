@@ -351,14 +351,12 @@ class _State:
         while self.alive():
             self.step()
 
-    def results(self, group: int) -> list[SequenceOutcome]:
-        """The sequences a group (one query) returns."""
-        if self.mode.kind == "beam":
-            finished = self.finished.get(group, [])
-            if not finished:
-                raise RuntimeError(f"beam search of query {group} ended with no finished hypothesis")
-            return [max(finished, key=lambda outcome: outcome.score)]
-        return [row.outcome() for row in self.rows if row.group == group]
+    def beam_result(self, group: int) -> list[SequenceOutcome]:
+        """The best finished hypothesis of a query's beam."""
+        finished = self.finished.get(group, [])
+        if not finished:
+            raise RuntimeError(f"beam search of query {group} ended with no finished hypothesis")
+        return [max(finished, key=lambda outcome: outcome.score)]
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -464,7 +462,7 @@ def decode_with_budgets(
                 branch.finish()
                 elapsed = (time.perf_counter() - started) * 1000.0
                 for group in reasoning_groups:
-                    outcomes[group][step] = branch.results(group)
+                    outcomes[group][step] = branch.beam_result(group)
                     latency[group][step] = elapsed
             for group in range(len(prompts)):
                 if group not in reasoning_groups:
@@ -486,7 +484,7 @@ def decode_with_budgets(
     for group, steps in pending.items():
         if not steps:
             continue
-        result = state.results(group)
+        result = state.beam_result(group)
         for budget in steps:
             outcomes[group][budget] = result
             latency[group][budget] = elapsed
