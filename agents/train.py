@@ -380,8 +380,19 @@ def _log_figures(logger_: Any, matrix: OutcomeMatrix, chosen: np.ndarray, cost_m
     logger_.record("figures/action_mix", Figure(action_mix_figure(matrix, chosen), close=True), hidden)
 
 
-def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    matrix: OutcomeMatrix | None = None,
+) -> TrainResult:
     """Train, validate and export a policy on an outcome table.
+
+    Args:
+        config: the settings.
+        progress: called after every validation with (steps, 0, validation metrics);
+            an exception raised there (e.g. a tuner's prune signal) stops training.
+        matrix: the table already loaded, possibly with its own split column (the
+            folds of cross-validation); None loads ``config.table``.
 
     Raises:
         ValueError: bad settings or an outcome table that does not fit them.
@@ -407,7 +418,8 @@ def train(config: TrainConfig, progress: Callable[[int, int, dict[str, float]], 
     _check_keys(config.hyperparams, "the overrides")
     hyperparams.update(config.hyperparams)
     manifest = load_manifest(config.table)
-    matrix = OutcomeMatrix.from_table(config.table)
+    if matrix is None:
+        matrix = OutcomeMatrix.from_table(config.table)
     for split in ("train", "val"):
         if not (matrix.splits == split).any():
             raise ValueError(f"{config.table} has no query in split {split!r}; training needs train and val queries")
