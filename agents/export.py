@@ -63,6 +63,8 @@ def export_policy(
     policy_id: str = "policy",
     env_id: str = "tokenopt/TokenBudget-v0",
     metadata: dict[str, object] | None = None,
+    member_normalization: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    obs_count: float | None = None,
 ) -> Path:
     """Write ``policy.json`` and ``policy.npz`` for one agent or an ensemble.
 
@@ -80,10 +82,23 @@ def export_policy(
         policy_id: an id servers report with each decision.
         env_id: the environment the policy was trained on.
         metadata: anything else to record (run name, cost weight, ...).
+        member_normalization: each member's own (obs_mean, obs_var), for an ensemble
+            of runs that each kept their own VecNormalize statistics; written as
+            ``m{k}_obs_mean``/``m{k}_obs_var`` (format version 2). None: every member
+            uses ``obs_mean``/``obs_var`` (written as format version 1).
+        obs_count: observations behind the statistics (VecNormalize's ``obs_rms.count``),
+            recorded so a warm start can resume the running statistics.
 
     Returns:
         The policy folder.
+
+    Raises:
+        ValueError: ``member_normalization`` does not give one pair per member.
     """
+    if member_normalization is not None and len(member_normalization) != len(members):
+        raise ValueError(
+            f"member_normalization has {len(member_normalization)} entries for {len(members)} members; give one each"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {
@@ -104,7 +119,12 @@ def export_policy(
                     "activation": activation,
                 }
             )
-        member_specs.append({"layers": layer_specs})
+        member_spec: dict[str, object] = {"layers": layer_specs}
+        if member_normalization is not None:
+            arrays[f"m{m}_obs_mean"] = np.asarray(member_normalization[m][0], dtype=np.float64)
+            arrays[f"m{m}_obs_var"] = np.asarray(member_normalization[m][1], dtype=np.float64)
+            member_spec |= {"obs_mean": f"m{m}_obs_mean", "obs_var": f"m{m}_obs_var"}
+        member_specs.append(member_spec)
     weights_path = out_dir / "policy.npz"
     partial = out_dir / "policy.npz.partial"
     with partial.open("wb") as handle:
@@ -112,14 +132,15 @@ def export_policy(
     os.replace(partial, weights_path)
     spec = {
         "format": "tokenopt-policy",
-        "format_version": FORMAT_VERSION,
+        # Version 2 only when the file needs it, so older runtimes keep loading single policies.
+        "format_version": FORMAT_VERSION if member_normalization is not None else 1,
         "policy_id": policy_id,
         "env_id": env_id,
         "feature_spec": feature_spec,
         "actions": actions,
         "answer_tokens": answer_tokens,
         "extra_inputs": extra_inputs or [],
-        "normalization": {"clip": clip, "epsilon": epsilon},
+        "normalization": {"clip": clip, "epsilon": epsilon} | ({"count": obs_count} if obs_count is not None else {}),
         "members": member_specs,
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "metadata": metadata or {},

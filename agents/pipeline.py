@@ -15,11 +15,30 @@ from tokenopt.agents.export import export_policy
 from tokenopt.cost import CostModel
 from tokenopt.outcomes import OutcomeMatrix, load_manifest
 
-__all__ = ["EvaluationRow", "evaluate_policy", "export_run", "format_table"]
+__all__ = [
+    "EvaluationRow",
+    "evaluate_policy",
+    "export_ensemble",
+    "export_run",
+    "format_seed_report",
+    "format_table",
+    "seed_report",
+]
 
 
-def export_run(run_dir: str | Path, onnx: bool = False) -> Path:
-    """Export a run's best model as ``RUN/policy/`` (policy.json + policy.npz [+ policy.onnx]).
+@dataclass
+class _LoadedRun:
+    """A trained run read back for export: its best model, normalisation and settings."""
+
+    run_dir: Path
+    model: Any
+    normalizer: Any
+    config: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def _load_run(run_dir: str | Path) -> _LoadedRun:
+    """Read a run's best model, VecNormalize statistics, config and table manifest.
 
     Raises:
         FileNotFoundError: the run has no trained model.
@@ -47,26 +66,93 @@ def export_run(run_dir: str | Path, onnx: bool = False) -> Path:
 
     with stats_path.open("rb") as handle:
         normalizer = pickle.load(handle)
-    settings: dict[str, Any] = manifest["settings"]  # type: ignore[assignment]
-    answer_tokens = int(settings.get("max_answer_tokens", 8)) + 1
+    return _LoadedRun(run_dir, model, normalizer, config, dict(manifest))
+
+
+def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
+    """The keyword arguments of :func:`export_policy` that come from a run's settings."""
+    settings: dict[str, Any] = run.manifest["settings"]
+    return {
+        "actions": list(run.manifest["actions"]),
+        "feature_spec": run.manifest["feature_spec"],
+        "clip": float(run.normalizer.clip_obs),
+        "epsilon": float(run.normalizer.epsilon),
+        "answer_tokens": int(settings.get("max_answer_tokens", 8)) + 1,
+        "extra_inputs": ["budget_left_fraction", "queries_left_fraction"] if run.config.get("env") == "stream" else [],
+        "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
+    }
+
+
+def export_run(run_dir: str | Path, onnx: bool = False) -> Path:
+    """Export a run's best model as ``RUN/policy/`` (policy.json + policy.npz [+ policy.onnx]).
+
+    Raises:
+        FileNotFoundError: the run has no trained model.
+    """
+    run = _load_run(run_dir)
+    config, normalizer, model = run.config, run.normalizer, run.model
     out = export_policy(
         [model],
         normalizer.obs_rms.mean,
         normalizer.obs_rms.var,
-        run_dir / "policy",
-        actions=list(manifest["actions"]),  # type: ignore[call-overload]
-        feature_spec=manifest["feature_spec"],
-        clip=float(normalizer.clip_obs),
-        epsilon=float(normalizer.epsilon),
-        answer_tokens=answer_tokens,
-        extra_inputs=["budget_left_fraction", "queries_left_fraction"] if config.get("env") == "stream" else [],
-        policy_id=f"{run_dir.name}",
-        env_id=str(config.get("env_id", "tokenopt/TokenBudget-v0")),
+        run.run_dir / "policy",
+        policy_id=f"{run.run_dir.name}",
         metadata={"table": config["table"], "cost_weight": config["cost_weight"], "algo": config["algo"]},
+        obs_count=float(normalizer.obs_rms.count),
+        **_policy_settings(run),
     )
     if onnx:
         _export_onnx(model, out / "policy.onnx", len(normalizer.obs_rms.mean))
     return out
+
+
+def export_ensemble(run_dirs: list[str | Path] | list[Path], out_dir: str | Path) -> Path:
+    """Export several runs (e.g. seeds) as one policy that averages their action probabilities.
+
+    Each member keeps its own observation normalisation (its run's VecNormalize
+    statistics), so the policy is written as format version 2.
+
+    Args:
+        run_dirs: trained run folders on the same table and environment.
+        out_dir: the policy folder to write.
+
+    Returns:
+        The policy folder.
+
+    Raises:
+        ValueError: fewer than two runs, or runs whose features, actions or
+            environment differ (naming the first run that differs).
+        FileNotFoundError: a run has no trained model.
+    """
+    if len(run_dirs) < 2:
+        raise ValueError(f"an ensemble needs at least two runs; got {len(run_dirs)}: {[str(r) for r in run_dirs]}")
+    runs = [_load_run(run_dir) for run_dir in run_dirs]
+    reference = _policy_settings(runs[0])
+    for run in runs[1:]:
+        settings = _policy_settings(run)
+        for key in ("feature_spec", "actions", "extra_inputs", "env_id", "clip", "epsilon"):
+            if settings[key] != reference[key]:
+                raise ValueError(
+                    f"cannot ensemble {run.run_dir} with {runs[0].run_dir}: their {key} differ "
+                    f"({settings[key]!r} vs {reference[key]!r}); train every member on the same table and env"
+                )
+    out_dir = Path(out_dir)
+    return export_policy(
+        [run.model for run in runs],
+        runs[0].normalizer.obs_rms.mean,
+        runs[0].normalizer.obs_rms.var,
+        out_dir,
+        policy_id=f"{out_dir.parent.name}-ensemble{len(runs)}",
+        metadata={
+            "table": runs[0].config["table"],
+            "cost_weight": runs[0].config["cost_weight"],
+            "members": [
+                {"run": str(run.run_dir), "seed": run.config.get("seed"), "algo": run.config["algo"]} for run in runs
+            ],
+        },
+        member_normalization=[(run.normalizer.obs_rms.mean, run.normalizer.obs_rms.var) for run in runs],
+        **reference,
+    )
 
 
 def _export_onnx(model: Any, path: Path, n_inputs: int) -> None:
@@ -179,6 +265,71 @@ def format_table(rows: list[EvaluationRow], max_greedy: str) -> str:
     for r in rows:
         name = r.method + (" (max-budget greedy)" if r.method == f"fixed {max_greedy}" else "")
         lines.append(f"| {name} | {r.em:.3f} | {r.tokens:.2f} | {r.reward:.3f} | {r.gap_recovered:.2f} |")
+    return "\n".join(lines)
+
+
+def seed_report(
+    policies: dict[str, Path],
+    table: str | Path,
+    cost_model: CostModel | None = None,
+    ensemble: Path | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
+    """Each seed's policy (and the ensemble of them) on a split, to see what the ensemble buys.
+
+    Args:
+        policies: a label (``seed 3``) and policy folder per single policy.
+        table: the outcome table.
+        cost_model: the reward's cost model (default lambda 0.01).
+        ensemble: the ensemble's policy folder, if there is one.
+        split: the split to evaluate on.
+
+    Returns:
+        ``{"split", "queries", "cost_weight", "best_fixed_action", "singles", "mean_single",
+        "best_single", "ensemble"}``; every policy entry has ``em``, ``tokens``, ``reward``
+        and ``gap_recovered``.
+
+    Raises:
+        ValueError: the table has no query in the split.
+    """
+    cost_model = cost_model or CostModel()
+    metric_names = ("em", "tokens", "reward", "gap_recovered")
+
+    def evaluate(label: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        rows, extra = evaluate_policy(path, table, split, cost_model)
+        policy_row = rows[0]
+        return {"policy": label, "path": str(path)} | {k: getattr(policy_row, k) for k in metric_names}, extra
+
+    singles = []
+    extra: dict[str, Any] = {}
+    for label, path in policies.items():
+        entry, extra = evaluate(label, path)
+        singles.append(entry)
+    report: dict[str, Any] = {
+        "split": split,
+        "queries": extra.get("queries"),
+        "cost_weight": cost_model.cost_weight,
+        "best_fixed_action": extra.get("best_fixed_action"),
+        "singles": singles,
+        "mean_single": {k: float(np.mean([entry[k] for entry in singles])) for k in metric_names},
+        "best_single": max(singles, key=lambda entry: entry["reward"])["policy"] if singles else None,
+        "ensemble": None,
+    }
+    if ensemble is not None:
+        report["ensemble"], _ = evaluate("ensemble", ensemble)
+    return report
+
+
+def format_seed_report(report: dict[str, Any]) -> str:
+    """A Markdown table of :func:`seed_report`: every single policy, their mean and the ensemble."""
+    lines = ["| policy | EM | mean billed tokens | reward | gap recovered |", "|---|---|---|---|---|"]
+    entries = [*report["singles"], {"policy": "mean of singles"} | report["mean_single"]]
+    if report["ensemble"] is not None:
+        entries.append(report["ensemble"])
+    for e in entries:
+        lines.append(
+            f"| {e['policy']} | {e['em']:.3f} | {e['tokens']:.2f} | {e['reward']:.3f} | {e['gap_recovered']:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -75,6 +75,10 @@ class TrainConfig:
     """CPU threads for torch (one is fastest for these small networks)."""
     verbose: int = 0
     """SB3 verbosity."""
+    init_from: str | None = None
+    """Warm start: a run folder (actor, critic) or an exported policy folder (actor) to start from."""
+    init_lr_scale: float = 0.3
+    """With ``init_from``: the hidden layers' learning rate as a multiple of the output heads'."""
 
 
 @dataclass
@@ -412,6 +416,13 @@ def train(
         raise ValueError(f"unknown algo {config.algo!r}: expected ppo or maskable_ppo")
     if config.em_floor is not None and config.token_target is not None:
         raise ValueError("give at most one constraint: --em-floor or --token-target")
+    init_source = None
+    if config.init_from:
+        from tokenopt.agents.warm_start import layerwise_lr_algo, layerwise_optimizer, load_init_source, warm_start
+
+        if not config.init_lr_scale > 0:
+            raise ValueError(f"init_lr_scale must be > 0, got {config.init_lr_scale}")
+        init_source = load_init_source(config.init_from)
     env_id = ENV_IDS[config.env]
     hyperparams = load_config(config.config_file, env_id)
     _check_keys(hyperparams, config.config_file)
@@ -460,7 +471,7 @@ def train(
         algo_class: Any = MaskablePPO
     else:
         algo_class = PPO
-    model = algo_class(
+    model = (layerwise_lr_algo(algo_class) if init_source is not None else algo_class)(
         "MlpPolicy",
         vec_env,
         seed=config.seed,
@@ -469,6 +480,12 @@ def train(
         device="cpu",
         **ppo_kwargs,
     )
+    init_record: dict[str, Any] | None = None
+    if init_source is not None:
+        action_names = [str(action["name"]) for action in manifest["actions"]]  # type: ignore[attr-defined]
+        init_record = warm_start(model, vec_env, init_source, action_names)
+        layerwise_optimizer(model.policy, config.init_lr_scale)
+        init_record["init_lr_scale"] = config.init_lr_scale
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard"]))
     val = matrix.subset("val")
     train_all = matrix.subset("train")
@@ -508,6 +525,7 @@ def train(
         "seconds": time.perf_counter() - started,
         "cost_weight": callback.cost_weight,
         "actions": manifest["actions"],
+        "init_from": init_record,
     }
     (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     vec_env.close()

@@ -27,9 +27,15 @@ def demo_lm():
 
 @pytest.fixture(scope="session")
 def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An outcome table of 1,500 demo queries (all splits), collected with the embedded LM."""
+    """An outcome table of 1,500 demo queries (all splits), collected with the embedded LM.
+
+    ``TOKENOPT_TEST_TABLE`` may name a table already collected this way (suite seed 5,
+    1,500 queries, default settings), to skip the collection while developing.
+    """
     from tokenopt.collect import CollectConfig, collect
 
+    if os.environ.get("TOKENOPT_TEST_TABLE"):
+        return Path(os.environ["TOKENOPT_TEST_TABLE"])
     root = tmp_path_factory.mktemp("demo_table")
     questions = root / "questions.jsonl"
     write_jsonl(generate_suite(SuiteConfig(n_queries=1500, seed=5)), questions)

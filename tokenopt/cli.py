@@ -243,11 +243,31 @@ def train(
         list[str] | None, typer.Option("--set", help="Hyperparameter override key=value (repeatable).")
     ] = None,
     export: Annotated[bool, typer.Option(help="Export the best model as RUN/policy/ when done.")] = True,
+    seeds: Annotated[
+        int, typer.Option(help="Train this many runs, with seeds SEED, SEED+1, ..., into OUT/seed-<s>/.")
+    ] = 1,
+    ensemble: Annotated[
+        bool,
+        typer.Option(help="With --seeds N>1: also export one policy averaging the runs (OUT/policy/) and compare."),
+    ] = False,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Warm start from a run folder or an exported policy folder.")
+    ] = None,
+    init_lr_scale: Annotated[
+        float, typer.Option(help="With --init-from: the hidden layers' learning rate relative to the heads'.")
+    ] = 0.3,
 ) -> None:
-    """Train a PPO agent on an outcome table, validate it, and export the best policy."""
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import CONFIG_DIR, TrainConfig
+    """Train a PPO agent on an outcome table, validate it, and export the best policy.
+
+    With --seeds N, train N runs into OUT/seed-<s>/ and compare their policies on the
+    test split; --ensemble adds one policy averaging them (OUT/policy/, OUT/ensemble.json).
+    """
+    from dataclasses import replace
+
+    from tokenopt.agents.pipeline import export_ensemble, export_run, format_seed_report, seed_report
+    from tokenopt.agents.train import CONFIG_DIR, TrainConfig, TrainResult
     from tokenopt.agents.train import train as run_train
+    from tokenopt.cost import CostModel
 
     try:
         settings = TrainConfig(
@@ -264,29 +284,68 @@ def train(
             token_target=token_target,
             eval_freq=eval_freq,
             patience=patience,
+            init_from=str(init_from) if init_from is not None else None,
+            init_lr_scale=init_lr_scale,
         )
+        if seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        if ensemble and seeds < 2:
+            raise ValueError(f"--ensemble averages several runs: give --seeds 2 or more (got --seeds {seeds})")
+        runs = [(seed, out)] if seeds == 1 else [(seed + k, out / f"seed-{seed + k}") for k in range(seeds)]
+        results: list[TrainResult] = []
         with _progress() as progress:
-            task = progress.add_task("train", total=None)
+            for run_seed, run_dir in runs:
+                name = "train" if seeds == 1 else f"train seed {run_seed}"
+                task = progress.add_task(name, total=None)
 
-            def report(steps: int, _: int, metrics: dict[str, float]) -> None:
-                progress.update(
-                    task,
-                    completed=steps,
-                    description=f"train (val reward {metrics['reward']:.3f}, gap {metrics['gap_recovered']:.2f})",
-                )
+                def report(steps: int, _: int, metrics: dict[str, float], task: Any = task, name: str = name) -> None:
+                    progress.update(
+                        task,
+                        completed=steps,
+                        description=f"{name} (val reward {metrics['reward']:.3f}, gap {metrics['gap_recovered']:.2f})",
+                    )
 
-            result = run_train(settings, progress=report)
-        if export:
-            export_run(out)
+                results.append(run_train(replace(settings, seed=run_seed, out=str(run_dir)), progress=report))
+        if export or ensemble:
+            for _, run_dir in runs:
+                export_run(run_dir)
+        if ensemble:
+            export_ensemble([run_dir for _, run_dir in runs], out / "policy")
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
         return
-    best = result.best_metrics
-    console.print(
-        f"trained {result.timesteps} steps in {result.seconds:.0f} s; best validation: EM {best.get('em', 0):.3f}, "
-        f"tokens {best.get('tokens', 0):.2f}, reward {best.get('reward', 0):.3f}, "
-        f"gap recovered {best.get('gap_recovered', 0):.2f}; TensorBoard logs in {out / 'tb'}"
-    )
+    for (run_seed, run_dir), result in zip(runs, results, strict=True):
+        best = result.best_metrics
+        console.print(
+            f"{'' if seeds == 1 else f'seed {run_seed}: '}trained {result.timesteps} steps in {result.seconds:.0f} s; "
+            f"best validation: EM {best.get('em', 0):.3f}, tokens {best.get('tokens', 0):.2f}, "
+            f"reward {best.get('reward', 0):.3f}, gap recovered {best.get('gap_recovered', 0):.2f}; "
+            f"TensorBoard logs in {run_dir / 'tb'}"
+        )
+    if seeds > 1 and (export or ensemble):
+        try:
+            comparison = seed_report(
+                {f"seed {run_seed}": run_dir / "policy" for run_seed, run_dir in runs},
+                table,
+                CostModel(cost_weight),
+                ensemble=out / "policy" if ensemble else None,
+            )
+        except ValueError as error:
+            _fail(error)
+            return
+        report_path = out / ("ensemble.json" if ensemble else "seeds.json")
+        report_path.write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"Test split, {comparison['queries']} queries, lambda {cost_weight:g} per billed token:\n")
+        typer.echo(format_seed_report(comparison))
+        if ensemble:
+            best_single = max(comparison["singles"], key=lambda entry: entry["reward"])
+            verdict = "beats" if comparison["ensemble"]["reward"] > best_single["reward"] else "does not beat"
+            typer.echo(
+                f"\nThe ensemble ({out / 'policy'}) {verdict} the best single policy ({best_single['policy']}) "
+                f"on test reward: {comparison['ensemble']['reward']:.4f} vs {best_single['reward']:.4f} "
+                f"(mean of singles {comparison['mean_single']['reward']:.4f})."
+            )
+        typer.echo(f"Report: {report_path}")
 
 
 @app.command("export")
@@ -303,6 +362,45 @@ def export_command(
         _fail(error)
         return
     typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_command(
+    policy: Annotated[Path, typer.Argument(help="Run folder (with policy/) or exported policy folder.")],
+    table: Annotated[Path, typer.Option(help="Outcome-table folder to evaluate on.")],
+    split: Annotated[str, typer.Option(help="Split to report (baselines fit on train, chosen on val).")] = "test",
+    out: Annotated[Path, typer.Option(help="Folder for report.md, report.json, PNG plots and tb/.")] = Path(
+        "runs/eval"
+    ),
+    cost_weights: Annotated[
+        str, typer.Option(help="Comma-separated cost weights of the sweep (one trained policy each, reused if there).")
+    ] = "0.0025,0.005,0.01,0.02,0.04,0.08,0.16",
+    total_timesteps: Annotated[
+        int | None, typer.Option(help="Training steps of the sweep's policies. Default: the run's own.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the baselines' classifiers.")] = 0,
+    sweep_dir: Annotated[
+        Path | None, typer.Option(help="Folder for the sweep's training runs. Default: OUT/sweep.")
+    ] = None,
+) -> None:
+    """Score the policy against fixed budgets, TALE, Dynasor, Adaptive-Consistency, RouteLLM and the oracle."""
+    from tokenopt.agents.scoreboard import ScoreboardConfig, run_scoreboard
+
+    try:
+        weights = tuple(_split_list(cost_weights, float, "--cost-weights"))
+        config = ScoreboardConfig(
+            policy=str(policy), table=str(table), split=split, out=str(out), cost_weights=weights,
+            total_timesteps=total_timesteps, seed=seed, sweep_dir=None if sweep_dir is None else str(sweep_dir),
+        )  # fmt: skip
+        report = run_scoreboard(config, progress=lambda message: console.print(f"[dim]{message}[/dim]"))
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    bar = report["bar"]
+    typer.echo(
+        f"policy on or above every baseline's curve for {bar['weights_on_or_above']} of {bar['weights']} cost weights; "
+        f"gap recovered at the default weight {bar['gap_recovered_at_default']:.2f}\nreport: {out / 'report.md'}"
+    )
 
 
 @app.command()
@@ -342,6 +440,170 @@ def demo(
     typer.echo(f"Test split, {extra['queries']} queries, lambda 0.01 per billed token:\n")
     typer.echo(report)
     typer.echo(f"\nTensorBoard: tensorboard --logdir {run / 'tb'}\nPolicy: {policy_dir}")
+
+
+@app.command("gate")
+def gate_command(
+    new: Annotated[Path, typer.Argument(help="Candidate policy folder (policy.json + policy.npz).")],
+    old: Annotated[Path, typer.Argument(help="Deployed policy folder to compare against.")],
+    table: Annotated[Path, typer.Option(help="Outcome-table folder both policies were trained for.")],
+    split: Annotated[str, typer.Option(help="Split whose queries are compared.")] = "test",
+    cost_weight: Annotated[float, typer.Option(help="lambda in EM - lambda * tokens.")] = 0.01,
+    max_em_drop: Annotated[float, typer.Option(help="Most EM points NEW may lose against OLD.")] = 1.0,
+    reward_margin: Annotated[
+        float, typer.Option(help="Pass when the lower bound of NEW - OLD mean reward is at least -margin.")
+    ] = 0.0,
+    confidence: Annotated[float, typer.Option(help="Confidence of the one-sided bootstrap bound, in (0, 1).")] = 0.95,
+    resamples: Annotated[int, typer.Option(help="Paired bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Deployment gate: exit 0 if NEW is not worse than OLD on a split, 1 if it is, 2 on bad input."""
+    from tokenopt.agents.gate import GateConfig, format_gate, run_gate, save_gate
+
+    try:
+        settings = GateConfig(
+            table=str(table),
+            split=split,
+            cost_weight=cost_weight,
+            max_em_drop=max_em_drop,
+            reward_margin=reward_margin,
+            confidence=confidence,
+            resamples=resamples,
+            seed=seed,
+        )
+        result = run_gate(new, old, settings)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    typer.echo(format_gate(result))
+    if json_path is not None:
+        save_gate(json_path, result)
+    raise typer.Exit(code=0 if result.passed else 1)
+
+
+@app.command("cv")
+def cv_command(
+    table: Annotated[Path, typer.Option(help="Outcome-table folder written by `tokenopt collect`.")],
+    folds: Annotated[int, typer.Option(help="K: number of folds (2 to the number of queries).")],
+    out: Annotated[Path, typer.Option(help="Folder of the fold runs (fold-k/) and cv.json.")] = Path("runs/cv"),
+    seed: Annotated[int, typer.Option(help="Seed of the fold assignment and of training.")] = 0,
+    timesteps: Annotated[int | None, typer.Option(help="PPO steps per fold. Default: n_timesteps from the YAML.")] = (
+        None
+    ),
+    cost_weight: Annotated[float, typer.Option(help="lambda in EM - lambda * tokens.")] = 0.01,
+    eval_freq: Annotated[int, typer.Option(help="Environment steps between validations.")] = 4096,
+    patience: Annotated[int, typer.Option(help="Validations without improvement before stopping early.")] = 6,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML of PPO hyperparameters keyed by env id. Default: agents/configs/ppo.yml.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Hyperparameter override key=value (repeatable).")
+    ] = None,
+) -> None:
+    """K-fold cross-validation over query ids: train one policy per fold, test it on its fold."""
+    from tokenopt.agents.cv import cross_validate, format_cv
+    from tokenopt.agents.train import CONFIG_DIR, TrainConfig
+
+    try:
+        settings = TrainConfig(
+            table=str(table),
+            config_file=str(config or CONFIG_DIR / "ppo.yml"),
+            hyperparams=_parse_overrides(set_ or []),
+            total_timesteps=timesteps,
+            cost_weight=cost_weight,
+            eval_freq=eval_freq,
+            patience=patience,
+        )
+        with _progress() as progress:
+            task = progress.add_task("cv", total=None)
+
+            def report(fold: int, steps: int, metrics: dict[str, float]) -> None:
+                description = f"cv fold {fold}/{folds} ({steps} steps, val reward {metrics['reward']:.3f})"
+                progress.update(task, description=description)
+
+            result = cross_validate(settings, folds, out=out, seed=seed, progress=report)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    typer.echo(f"{folds}-fold cross-validation on {table} (test fold of each, lambda {cost_weight:g}):\n")
+    typer.echo(format_cv(result))
+    console.print(f"cv.json and the fold runs are in {out} ({result.seconds:.0f} s)")
+
+
+@app.command("tune")
+def tune_command(
+    table: Annotated[Path, typer.Option(help="Outcome-table folder written by `tokenopt collect`.")],
+    sampler: Annotated[str, typer.Option(help="tpe, random, or grid (learning rate x network width).")] = "tpe",
+    trials: Annotated[int, typer.Option(help="Total trials of the study, earlier runs' included.")] = 20,
+    study_name: Annotated[str, typer.Option(help="Optuna study name.")] = "tokenopt-tune",
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL. Default: sqlite:///OUT/study.db.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder of the trial runs, the study and best.yml.")] = Path("runs/tune"),
+    timesteps: Annotated[int | None, typer.Option(help="PPO steps per trial. Default: n_timesteps from the YAML.")] = (
+        None
+    ),
+    objective: Annotated[str, typer.Option(help="reward (maximise), or tokens (minimise; needs --em-floor).")] = (
+        "reward"
+    ),
+    em_floor: Annotated[
+        float | None, typer.Option(help="Adapt lambda: validation EM at most this many points below max greedy.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of training.")] = 0,
+    cost_weight: Annotated[float, typer.Option(help="lambda in EM - lambda * tokens (start value if constrained).")] = (
+        0.01
+    ),
+    eval_freq: Annotated[int, typer.Option(help="Environment steps between validations (pruning points).")] = 4096,
+    config: Annotated[
+        Path | None, typer.Option(help="Base YAML of PPO hyperparameters. Default: agents/configs/ppo.yml.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Fixed hyperparameter override key=value (repeatable).")
+    ] = None,
+) -> None:
+    """Tune PPO hyperparameters with Optuna (resumable); write the best set as OUT/best.yml."""
+    from tokenopt.agents.train import CONFIG_DIR, TrainConfig
+    from tokenopt.agents.tune import TuneConfig, tune
+
+    try:
+        base = TrainConfig(
+            table=str(table),
+            config_file=str(config or CONFIG_DIR / "ppo.yml"),
+            hyperparams=_parse_overrides(set_ or []),
+            total_timesteps=timesteps,
+            cost_weight=cost_weight,
+            em_floor=em_floor,
+            eval_freq=eval_freq,
+        )
+        settings = TuneConfig(
+            sampler=sampler,
+            trials=trials,
+            study_name=study_name,
+            storage=storage,
+            out=str(out),
+            objective=objective,
+            seed=seed,
+        )
+        with _progress() as progress:
+            task = progress.add_task("tune", total=None)
+
+            def report(trial: int, steps: int, metrics: dict[str, float]) -> None:
+                description = f"tune trial {trial} ({steps} steps, val reward {metrics['reward']:.3f})"
+                progress.update(task, description=description)
+
+            result = tune(base, settings, progress=report)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    metrics = result.best_metrics
+    typer.echo(
+        f"study {result.study_name!r}: ran {result.trials_run} trials, {result.trials_finished} finished "
+        f"({result.trials_pruned} pruned)\n"
+        f"best trial {result.best_trial} ({result.best_run_dir}): {objective} objective {result.best_value:.4f}; "
+        f"validation EM {metrics.get('em', 0):.3f}, tokens {metrics.get('tokens', 0):.2f}, "
+        f"reward {metrics.get('reward', 0):.3f}\n"
+        f"params: {json.dumps(result.best_params)}\n"
+        f"best config: {result.best_config} (tokenopt train --table {table} --config {result.best_config})"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,8 +37,11 @@ __all__ = ["OUTCOME_SCHEMA", "SCHEMA_VERSION", "CollectConfig", "CollectSummary"
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-"""Version of the outcome table's schema; bumped on any incompatible change."""
+SCHEMA_VERSION = 2
+"""Version of the outcome table's schema; bumped on any incompatible change.
+
+Version 2 added the per-sequence columns ``sample_answers``, ``sample_em``,
+``sample_tokens`` and ``sample_logprobs`` (what early-stopping baselines replay)."""
 
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -59,6 +62,10 @@ OUTCOME_SCHEMA = pa.schema(
         ("answer_logprob", pa.float32()),
         ("natural_stop", pa.bool_()),
         ("n_sequences", pa.int16()),
+        ("sample_answers", pa.list_(pa.string())),
+        ("sample_em", pa.list_(pa.bool_())),
+        ("sample_tokens", pa.list_(pa.int32())),
+        ("sample_logprobs", pa.list_(pa.float32())),
     ],
     metadata={"tokenopt.schema_version": str(SCHEMA_VERSION)},
 )
@@ -323,6 +330,10 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
                         records["answer_logprob"].append(outcome.answer_logprob)
                         records["natural_stop"].append(outcome.natural_stop)
                         records["n_sequences"].append(outcome.n_sequences)
+                        records["sample_answers"].append(outcome.sample_answers)
+                        records["sample_em"].append([exact_match(a, query.answers) for a in outcome.sample_answers])
+                        records["sample_tokens"].append(outcome.sample_tokens)
+                        records["sample_logprobs"].append(outcome.sample_logprobs)
             done += len(batch)
             if progress is not None:
                 progress(done, len(queries))

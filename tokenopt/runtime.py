@@ -2,7 +2,11 @@
 
 A policy folder holds ``policy.json`` (format version, feature spec, action table,
 observation normalisation, layer shapes, sha256 of the weights) and ``policy.npz``
-(the weights, read with ``allow_pickle=False``). Loading never runs code from the
+(the weights, read with ``allow_pickle=False``). An ensemble lists several members
+whose action probabilities are averaged; from format version 2 a member may name its
+own normalisation arrays (``obs_mean``/``obs_var`` keys), since every seed of an
+ensemble was trained with its own VecNormalize statistics. Version-1 files (one
+normalisation shared by every member) still load. Loading never runs code from the
 artifact: the JSON is data, the weights are plain arrays, and their hash is checked
 before use.
 """
@@ -21,8 +25,11 @@ from tokenopt.features import FeatureSpec, PromptFeatures
 
 __all__ = ["FORMAT_VERSION", "BudgetPolicy", "Decision", "PolicyLoadError"]
 
-FORMAT_VERSION = 1
-"""Version of the policy artifact this runtime reads and writes."""
+FORMAT_VERSION = 2
+"""Newest version of the policy artifact this runtime reads (and writes, when a file needs it).
+
+Version 2 added per-member normalisation arrays; an export without them is written as
+version 1, so older runtimes still load single policies."""
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
@@ -55,6 +62,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _array(arrays: dict[str, np.ndarray], name: object) -> np.ndarray:
+    if not isinstance(name, str) or name not in arrays:
+        raise PolicyLoadError(f"policy.npz has no array {name!r}; it has {sorted(arrays)}")
+    return arrays[name]
+
+
 class BudgetPolicy:
     """An exported policy: features in, (budget, mode) out.
 
@@ -70,15 +83,35 @@ class BudgetPolicy:
         normalization: dict[str, float] = spec["normalization"]  # type: ignore[assignment]
         self.clip = float(normalization["clip"])
         self.epsilon = float(normalization["epsilon"])
-        self.obs_mean = arrays["obs_mean"].astype(np.float64)
-        self.obs_var = arrays["obs_var"].astype(np.float64)
+        self.obs_mean = _array(arrays, "obs_mean").astype(np.float64)
+        self.obs_var = _array(arrays, "obs_var").astype(np.float64)
         self._inverse_std = 1.0 / np.sqrt(self.obs_var + self.epsilon)
         self.members: list[list[tuple[np.ndarray, np.ndarray, str]]] = []
+        self.member_normalization: list[tuple[np.ndarray, np.ndarray]] = []
+        """Each member's (obs_mean, obs_var): its own (format 2) or the shared one."""
+        # Members sharing one normalisation are normalised once (index into _normalizers),
+        # so a single policy costs what it did before per-member statistics existed.
+        self._normalizers: list[tuple[np.ndarray, np.ndarray]] = [(self.obs_mean, self._inverse_std)]
+        self._member_normalizer: list[int] = []
         for member in spec["members"]:  # type: ignore[attr-defined]
+            if "obs_mean" in member or "obs_var" in member:
+                mean = _array(arrays, member.get("obs_mean")).astype(np.float64)
+                var = _array(arrays, member.get("obs_var")).astype(np.float64)
+                if mean.shape != self.obs_mean.shape or var.shape != self.obs_mean.shape:
+                    raise PolicyLoadError(
+                        f"member normalisation {member['obs_mean']!r} has shape {mean.shape} and "
+                        f"{member['obs_var']!r} {var.shape}; expected {self.obs_mean.shape}"
+                    )
+                self.member_normalization.append((mean, var))
+                self._normalizers.append((mean, 1.0 / np.sqrt(var + self.epsilon)))
+                self._member_normalizer.append(len(self._normalizers) - 1)
+            else:
+                self.member_normalization.append((self.obs_mean, self.obs_var))
+                self._member_normalizer.append(0)
             layers = []
             for layer in member["layers"]:
-                weight = arrays[layer["weight"]].astype(np.float64)
-                bias = arrays[layer["bias"]].astype(np.float64)
+                weight = _array(arrays, layer["weight"]).astype(np.float64)
+                bias = _array(arrays, layer["bias"]).astype(np.float64)
                 if list(weight.shape) != list(layer["shape"]):
                     raise PolicyLoadError(
                         f"layer {layer['weight']} has shape {weight.shape}, spec says {layer['shape']}"
@@ -138,13 +171,18 @@ class BudgetPolicy:
 
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
-        x = np.array(observations, dtype=np.float64, ndmin=2)
-        x -= self.obs_mean
-        x *= self._inverse_std
-        np.clip(x, -self.clip, self.clip, out=x)
+        raw = np.asarray(observations, dtype=np.float64)
+        normalized: dict[int, np.ndarray] = {}
         total: np.ndarray | None = None
-        for layers in self.members:
-            h = x
+        for layers, index in zip(self.members, self._member_normalizer, strict=True):
+            if index not in normalized:
+                mean, inverse_std = self._normalizers[index]
+                x = np.array(raw, dtype=np.float64, ndmin=2)
+                x -= mean
+                x *= inverse_std
+                np.clip(x, -self.clip, self.clip, out=x)
+                normalized[index] = x
+            h = normalized[index]
             for weight, bias, activation in layers:
                 h = h @ weight
                 h += bias

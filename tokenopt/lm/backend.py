@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +70,12 @@ class ModeOutcome:
     """Whether the LM stopped reasoning by itself (for sc<k>: every sample did)."""
     n_sequences: int
     latency_ms: float
+    sample_answers: list[str] = field(default_factory=list)
+    """The answer of each sequence, in sampling order (k for ``sc<k>``, one otherwise)."""
+    sample_tokens: list[int] = field(default_factory=list)
+    """Billed tokens of each sequence (for ``beam<k>`` the one entry bills all k beams)."""
+    sample_logprobs: list[float] = field(default_factory=list)
+    """Mean log-probability of each sequence's answer tokens."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -236,6 +242,11 @@ class TransformersLM:
             natural_stop=all(s.natural_stop for s in sequences),
             n_sequences=mode.width,
             latency_ms=latency_ms,
+            sample_answers=answers,
+            sample_tokens=[
+                multiplier * (len(s.reasoning_ids) + s.cue_tokens + s.billed_answer_tokens) for s in sequences
+            ],
+            sample_logprobs=[float(lp) for lp in mean_logprobs],
         )
 
     def run(

@@ -1,0 +1,449 @@
+"""The published methods tokenopt is measured against, replayed on an outcome table.
+
+Every method here sees the same LM, the same queries and the same outcome table as
+the learned policy, and bills what it would have spent:
+
+- fixed actions: one (budget, mode) for every query; s1-style budget forcing at a cap;
+- TALE-style: a classifier predicts each query's smallest sufficient budget from the
+  prompt features, plus a safety margin of budget steps;
+- Dynasor-style certainty exit: probe the answer at each budget of the ladder and stop
+  once the last ``window`` probes agree, billing every probe's cue and answer;
+- Adaptive-Consistency-style sampling: draw the samples of ``sc<k>`` one by one and
+  stop once the vote is decided (or likely decided, by its Beta stopping rule);
+- RouteLLM-style router: a classifier scores how likely the expensive action beats the
+  cheap one, and a threshold routes between them.
+
+Each method yields :class:`OperatingPoint` objects, one per setting of its knob: the
+per-query exact match and billed tokens on a split. :mod:`tokenopt.agents.scoreboard`
+turns them into curves, rows and plots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from tokenopt.actions import parse_mode
+from tokenopt.metrics import normalize_answer
+from tokenopt.outcomes import OutcomeMatrix, load_outcomes
+
+__all__ = [
+    "OperatingPoint",
+    "ReplayTable",
+    "adaptive_consistency_points",
+    "dynasor_points",
+    "fixed_points",
+    "router_points",
+    "tale_points",
+]
+
+
+@dataclass
+class OperatingPoint:
+    """One setting of one method: what it scored and billed on each query of a split."""
+
+    method: str
+    setting: str
+    exact_match: np.ndarray
+    """Per query, 0 or 1."""
+    billed_tokens: np.ndarray
+    """Per query."""
+    actions: np.ndarray | None = None
+    """Per query, the action column finally answered with (for action-mix plots)."""
+
+    @property
+    def em(self) -> float:
+        """Mean exact match."""
+        return float(self.exact_match.mean())
+
+    @property
+    def tokens(self) -> float:
+        """Mean billed tokens."""
+        return float(self.billed_tokens.mean())
+
+
+@dataclass
+class ReplayTable:
+    """An :class:`OutcomeMatrix` plus the per-row details the replayed methods read.
+
+    Arrays are (queries x actions), aligned with ``matrix``.
+    """
+
+    matrix: OutcomeMatrix
+    budgets: np.ndarray
+    """Budget of each action column."""
+    modes: list[str]
+    """Mode of each action column."""
+    answers: np.ndarray
+    """Normalised answer of each (query, action)."""
+    probe_tokens: np.ndarray
+    """Cue + answer tokens of each (query, action): what probing that budget bills."""
+    reasoning_tokens: np.ndarray
+    natural_stop: np.ndarray
+    samples: np.ndarray
+    """Per (query, action): a tuple (normalised answers, em, tokens, logprobs) of its sequences."""
+
+    @classmethod
+    def load(cls, directory: str | Path, matrix: OutcomeMatrix | None = None) -> ReplayTable:
+        """Load the details of a table for the queries of ``matrix`` (default: all).
+
+        Raises:
+            ValueError: the table lacks the per-sequence columns (an older schema).
+        """
+        matrix = matrix if matrix is not None else OutcomeMatrix.from_table(directory)
+        table = load_outcomes(directory)
+        needed = ["id", "action", "answer", "cue_tokens", "answer_tokens", "reasoning_tokens", "natural_stop"]
+        needed += ["sample_answers", "sample_em", "sample_tokens", "sample_logprobs"]
+        missing = [name for name in needed if name not in table.column_names]
+        if missing:
+            raise ValueError(f"{directory}: the outcome table has no columns {missing}; collect it again")
+        row_of = {query_id: i for i, query_id in enumerate(matrix.ids)}
+        column_of = {action: j for j, action in enumerate(matrix.actions)}
+        shape = (len(matrix.ids), len(matrix.actions))
+        answers = np.empty(shape, dtype=object)
+        samples = np.empty(shape, dtype=object)
+        probe = np.zeros(shape)
+        reasoning = np.zeros(shape)
+        natural = np.zeros(shape, dtype=bool)
+        columns = {name: table.column(name).to_pylist() for name in needed}
+        for k, query_id in enumerate(columns["id"]):
+            i = row_of.get(query_id)
+            if i is None:
+                continue
+            j = column_of[columns["action"][k]]
+            answers[i, j] = normalize_answer(columns["answer"][k])
+            probe[i, j] = columns["cue_tokens"][k] + columns["answer_tokens"][k]
+            reasoning[i, j] = columns["reasoning_tokens"][k]
+            natural[i, j] = columns["natural_stop"][k]
+            samples[i, j] = (
+                [normalize_answer(a) for a in columns["sample_answers"][k]],
+                np.asarray(columns["sample_em"][k], dtype=np.float64),
+                np.asarray(columns["sample_tokens"][k], dtype=np.float64),
+                np.asarray(columns["sample_logprobs"][k], dtype=np.float64),
+            )
+        budgets = np.array([int(name.split("/")[0][1:]) for name in matrix.actions])
+        modes = [name.split("/")[1] for name in matrix.actions]
+        return cls(matrix, budgets, modes, answers, probe, reasoning, natural, samples)
+
+    def take(self, indices: np.ndarray) -> ReplayTable:
+        """The rows at these indices."""
+        return ReplayTable(
+            self.matrix.take(indices),
+            self.budgets,
+            self.modes,
+            self.answers[indices],
+            self.probe_tokens[indices],
+            self.reasoning_tokens[indices],
+            self.natural_stop[indices],
+            self.samples[indices],
+        )
+
+    def subset(self, split: str) -> ReplayTable:
+        """The rows of one split."""
+        mask = self.matrix.splits == split
+        if not mask.any():
+            raise ValueError(f"the table has no query in split {split!r}")
+        return self.take(np.flatnonzero(mask))
+
+    def ladder(self, mode: str) -> list[int]:
+        """Action columns of one mode, by increasing budget."""
+        columns = [j for j, m in enumerate(self.modes) if m == mode]
+        return sorted(columns, key=lambda j: self.budgets[j])
+
+    @property
+    def mode_names(self) -> list[str]:
+        """The table's modes, in action-table order."""
+        return list(dict.fromkeys(self.modes))
+
+
+def fixed_points(replay: ReplayTable) -> list[OperatingPoint]:
+    """Every action of the table for every query (s1-style budget forcing at a cap)."""
+    m = replay.matrix
+    return [
+        OperatingPoint("fixed", name, m.exact_match[:, j], m.billed_tokens[:, j], np.full(len(m.ids), j))
+        for j, name in enumerate(m.actions)
+    ]
+
+
+# --- supervised baselines ---------------------------------------------------------
+
+
+class _Classifier:
+    """A small MLP classifier on standardised prompt features (as large as the policy's).
+
+    Trained full-batch with Adam and weight decay; the epoch with the best validation
+    loss is kept. Seeded, deterministic on CPU.
+    """
+
+    def __init__(self, hidden: tuple[int, ...] = (64, 64), epochs: int = 400, seed: int = 0) -> None:
+        self.hidden = hidden
+        self.epochs = epochs
+        self.seed = seed
+
+    def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: int) -> _Classifier:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small full-batch steps: more threads only add overhead
+        try:
+            return self._fit(x, y, x_val, y_val, classes)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, classes: int) -> _Classifier:
+        import torch
+
+        torch.manual_seed(self.seed)
+        self.mean = x.mean(axis=0)
+        self.std = x.std(axis=0) + 1e-6
+        layers: list[torch.nn.Module] = []
+        width = x.shape[1]
+        for size in self.hidden:
+            layers += [torch.nn.Linear(width, size), torch.nn.Tanh()]
+            width = size
+        layers.append(torch.nn.Linear(width, classes))
+        self.net = torch.nn.Sequential(*layers)
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=3e-3, weight_decay=1e-4)
+        inputs, targets = self._tensor(x), torch.as_tensor(y, dtype=torch.long)
+        val_inputs, val_targets = self._tensor(x_val), torch.as_tensor(y_val, dtype=torch.long)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        best = (math.inf, [p.detach().clone() for p in self.net.parameters()])
+        for _ in range(self.epochs):
+            optimizer.zero_grad()
+            loss = loss_fn(self.net(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                val_loss = float(loss_fn(self.net(val_inputs), val_targets))
+            if val_loss < best[0]:
+                best = (val_loss, [p.detach().clone() for p in self.net.parameters()])
+        with torch.no_grad():
+            for parameter, value in zip(self.net.parameters(), best[1], strict=True):
+                parameter.copy_(value)
+        return self
+
+    def _tensor(self, x: np.ndarray) -> Any:
+        import torch
+
+        return torch.as_tensor((x - self.mean) / self.std, dtype=torch.float32)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return torch.softmax(self.net(self._tensor(x)), dim=1).numpy().astype(np.float64)
+
+
+def _features(replay: ReplayTable) -> np.ndarray:
+    if replay.matrix.features is None:
+        raise ValueError("the outcome table has no features.parquet; collect it again")
+    return replay.matrix.features
+
+
+def tale_points(
+    train: ReplayTable,
+    val: ReplayTable,
+    targets: list[ReplayTable],
+    margins: tuple[int, ...] = (0, 1, 2),
+    seed: int = 0,
+) -> list[list[OperatingPoint]]:
+    """TALE-style: predict each query's smallest sufficient budget, then add a margin.
+
+    For each mode a classifier learns, on the train split, the index of the smallest
+    budget whose forced answer is correct (an extra class: no budget is); the val split
+    picks its best epoch. A query predicted unsolvable gets the smallest budget
+    (reasoning will not help it); the others get the predicted budget plus ``margin``
+    steps of the ladder.
+
+    Returns:
+        For each target table, its operating points (one per mode and margin).
+    """
+    points: list[list[OperatingPoint]] = [[] for _ in targets]
+    for mode in train.mode_names:
+        ladder = train.ladder(mode)
+        labels, val_labels = _smallest_sufficient(train, ladder), _smallest_sufficient(val, ladder)
+        model = _Classifier(seed=seed).fit(_features(train), labels, _features(val), val_labels, len(ladder) + 1)
+        for target, out in zip(targets, points, strict=True):
+            predicted = model.probabilities(_features(target)).argmax(axis=1)
+            for margin in margins:
+                steps = np.where(predicted == len(ladder), 0, np.minimum(predicted + margin, len(ladder) - 1))
+                out.append(_point("TALE-style", f"{mode}, margin {margin}", target, np.asarray(ladder)[steps]))
+    return points
+
+
+def _smallest_sufficient(replay: ReplayTable, ladder: list[int]) -> np.ndarray:
+    correct = replay.matrix.exact_match[:, ladder] > 0.5
+    return np.where(correct.any(axis=1), correct.argmax(axis=1), len(ladder))
+
+
+def router_points(
+    train: ReplayTable, val: ReplayTable, targets: list[ReplayTable], thresholds: int = 11, seed: int = 0
+) -> list[list[OperatingPoint]]:
+    """RouteLLM-style: route each query to a cheap or an expensive action by a threshold.
+
+    The pairs: the cheapest action against max-budget greedy, against the most accurate
+    action on the train split, and the best fixed-reward action on the train split at
+    the default weight against the most accurate one. For each pair a classifier
+    learns, on the train split, whether the expensive action is right where the cheap
+    one is wrong (RouteLLM's "strong model wins" label); queries scoring at or above
+    the threshold go to the expensive action. Thresholds are quantiles of the val
+    scores, so the curve spans from all-cheap to all-expensive.
+
+    Returns:
+        For each target table, its operating points (one per pair and threshold).
+    """
+    m = train.matrix
+    tokens = m.billed_tokens.mean(axis=0)
+    accuracy = m.exact_match.mean(axis=0)
+    cheapest = int(np.argmin(tokens))
+    greedy = train.ladder("greedy") if "greedy" in train.mode_names else []
+    most_accurate = int(np.lexsort((tokens, -accuracy))[0])
+    best_reward = int(np.argmax(accuracy - 0.01 * tokens))
+    pairs = {(cheapest, most_accurate), (best_reward, most_accurate)}
+    if greedy:
+        pairs.add((cheapest, greedy[-1]))
+    points: list[list[OperatingPoint]] = [[] for _ in targets]
+    for cheap, strong in sorted(pairs):
+        label = (m.exact_match[:, strong] > m.exact_match[:, cheap]).astype(np.int64)
+        val_label = (val.matrix.exact_match[:, strong] > val.matrix.exact_match[:, cheap]).astype(np.int64)
+        if cheap == strong or label.min() == label.max():
+            continue
+        model = _Classifier(seed=seed).fit(_features(train), label, _features(val), val_label, 2)
+        cuts = np.unique(np.quantile(model.probabilities(_features(val))[:, 1], np.linspace(0.0, 1.0, thresholds)))
+        names = f"{m.actions[cheap]}->{m.actions[strong]}"
+        for target, out in zip(targets, points, strict=True):
+            scores = model.probabilities(_features(target))[:, 1]
+            for cut in [*cuts, np.inf]:
+                columns = np.where(scores >= cut, strong, cheap)
+                setting = f"{names} at {cut:.3f}"
+                out.append(_point("RouteLLM-style", setting, target, columns))
+    return points
+
+
+def _point(method: str, setting: str, replay: ReplayTable, columns: np.ndarray) -> OperatingPoint:
+    rows = np.arange(len(columns))
+    m = replay.matrix
+    return OperatingPoint(method, setting, m.exact_match[rows, columns], m.billed_tokens[rows, columns], columns)
+
+
+# --- replayed early-exit baselines -----------------------------------------------
+
+
+def dynasor_points(replay: ReplayTable, windows: tuple[int, ...] = (2, 3)) -> list[OperatingPoint]:
+    """Dynasor-style certainty exit over each mode's budget ladder.
+
+    The LM reasons once; at each budget of the ladder the answer is probed (the cue
+    forced, the answer read). The method stops at the first budget where the last
+    ``window`` probes agree, where the LM has stopped reasoning by itself, or at the
+    largest budget, and answers with that probe. It is billed the reasoning up to
+    there plus the cue and answer tokens of every probe it made. Ladders start at
+    budget 0 (a direct answer is the first probe) or at the first non-zero budget.
+    """
+    points = []
+    n = len(replay.matrix.ids)
+    for mode in replay.mode_names:
+        full = replay.ladder(mode)
+        starts = {"from b0": full}
+        if replay.budgets[full[0]] == 0 and len(full) > 2:
+            starts[f"from b{replay.budgets[full[1]]}"] = full[1:]
+        for start_name, ladder in starts.items():
+            for window in windows:
+                if window > len(ladder):
+                    continue
+                columns = np.empty(n, dtype=np.int64)
+                billed = np.empty(n)
+                for i in range(n):
+                    probes = 0.0
+                    for step, j in enumerate(ladder):
+                        probes += replay.probe_tokens[i, j]
+                        recent = [replay.answers[i, k] for k in ladder[max(0, step - window + 1) : step + 1]]
+                        settled = step + 1 >= window and len(set(recent)) == 1
+                        if settled or replay.natural_stop[i, j] or step == len(ladder) - 1:
+                            columns[i], billed[i] = j, replay.reasoning_tokens[i, j] + probes
+                            break
+                rows = np.arange(n)
+                points.append(
+                    OperatingPoint(
+                        "Dynasor-style",
+                        f"{mode}, {start_name}, {window} agree",
+                        replay.matrix.exact_match[rows, columns],
+                        billed,
+                        columns,
+                    )
+                )
+    return points
+
+
+def _majority_probability(leader: int, runner_up: int) -> float:
+    """P(p_leader > p_runner_up) under a uniform prior: P(X > 1/2), X ~ Beta(leader+1, runner_up+1).
+
+    For integer parameters, P(X <= 1/2) = P(Binomial(a + b - 1, 1/2) >= a).
+    """
+    a, b = leader + 1, runner_up + 1
+    n = a + b - 1
+    at_least_a = sum(math.comb(n, k) for k in range(a, n + 1)) / 2**n
+    return 1.0 - at_least_a
+
+
+def _vote(answers: list[str], logprobs: np.ndarray) -> int:
+    counts = Counter(answers)
+    best = max(
+        counts, key=lambda key: (counts[key], max(lp for a, lp in zip(answers, logprobs, strict=True) if a == key))
+    )
+    members = [i for i, a in enumerate(answers) if a == best]
+    return max(members, key=lambda i: logprobs[i])
+
+
+def adaptive_consistency_points(
+    replay: ReplayTable, thresholds: tuple[float, ...] = (0.75, 0.9, 0.95)
+) -> list[OperatingPoint]:
+    """Adaptive-Consistency-style sampling for every ``sc<k>`` action.
+
+    Samples are drawn one at a time (in the table's sampling order) and drawing stops
+    once the vote is decided: the leader cannot be overtaken by the samples left
+    (the ``decided`` rule, which returns the full vote's answer), or the Beta
+    posterior probability that the leading answer is the majority passes a threshold
+    (Adaptive-Consistency's stopping rule). Billed: the samples drawn.
+    """
+    points = []
+    rules: list[tuple[str, float | None]] = [("decided", None)] + [(f"Beta >= {t:g}", t) for t in thresholds]
+    n = len(replay.matrix.ids)
+    for j, name in enumerate(replay.matrix.actions):
+        mode = parse_mode(replay.modes[j])
+        if mode.kind != "sc" or mode.width < 2:
+            continue
+        for rule, threshold in rules:
+            em = np.empty(n)
+            billed = np.empty(n)
+            for i in range(n):
+                answers, correct, tokens, logprobs = replay.samples[i, j]
+                k = len(answers)
+                drawn = k
+                for count in range(1, k + 1):
+                    tally = Counter(answers[:count]).most_common(2)
+                    leader = tally[0][1]
+                    runner = tally[1][1] if len(tally) > 1 else 0
+                    if threshold is None:
+                        stop = leader - runner > k - count
+                    else:
+                        stop = count >= 2 and _majority_probability(leader, runner) >= threshold
+                    if stop:
+                        drawn = count
+                        break
+                chosen = _vote(answers[:drawn], logprobs[:drawn])
+                em[i], billed[i] = correct[chosen], tokens[:drawn].sum()
+            points.append(OperatingPoint("Adaptive-Consistency-style", f"{name}, {rule}", em, billed, np.full(n, j)))
+    return points
+
+
+def question_texts(directory: str | Path, ids: list[str]) -> list[str]:
+    """The question of each id, from a table's ``queries.parquet``."""
+    table = pq.read_table(Path(directory) / "queries.parquet", columns=["id", "question"])
+    text_of = dict(zip(table.column("id").to_pylist(), table.column("question").to_pylist(), strict=True))
+    return [text_of[query_id] for query_id in ids]

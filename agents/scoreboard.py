@@ -1,0 +1,550 @@
+"""``tokenopt eval``: the learned policy against the published methods and the oracle.
+
+Every method is replayed on the same outcome table and split (see
+:mod:`tokenopt.agents.baselines`). For each cost weight of a sweep the learned policy
+(one trained policy per weight) is one point of EM against mean billed tokens; each
+baseline is a curve, the upper concave envelope of its settings' points (any point on
+it is reachable by splitting traffic between two settings). The report says, per
+weight, whether the policy lies on or above every baseline's curve at its own mean
+tokens, and where a baseline does better. Rows at each weight pick every method's
+setting by its validation reward, then report the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tokenopt.agents.baselines import (
+    OperatingPoint,
+    ReplayTable,
+    adaptive_consistency_points,
+    dynasor_points,
+    fixed_points,
+    question_texts,
+    router_points,
+    tale_points,
+)
+from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
+from tokenopt.outcomes import OutcomeMatrix, load_manifest
+
+__all__ = ["DEFAULT_SWEEP", "ScoreboardConfig", "envelope", "run_scoreboard"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SWEEP = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+"""Cost weights of the sweep: 400 down to about 6 billed tokens per exact match."""
+
+BASELINES = ("fixed", "TALE-style", "Dynasor-style", "Adaptive-Consistency-style", "RouteLLM-style")
+
+
+@dataclass
+class ScoreboardConfig:
+    """Settings of ``tokenopt eval``."""
+
+    policy: str
+    """A run folder (with ``policy/``) or an exported policy folder."""
+    table: str
+    """The outcome table to evaluate on."""
+    split: str = "test"
+    out: str = "runs/eval"
+    cost_weights: tuple[float, ...] = DEFAULT_SWEEP
+    """The sweep; one policy per weight is trained (or reused) under ``OUT/sweep/``."""
+    cost_weight: float | None = None
+    """The default weight (the policy's own); None reads it from the policy's metadata."""
+    total_timesteps: int | None = None
+    """Training steps of the sweep's policies; None: the run's own setting."""
+    seed: int = 0
+    sweep_dir: str | None = None
+    """Where the sweep's runs go; None: ``OUT/sweep``."""
+    plots: bool = True
+    extra_policies: dict[float, str] = field(default_factory=dict)
+    """Policies already trained for some weights of the sweep (weight -> folder)."""
+
+
+# --- curves ----------------------------------------------------------------------
+
+
+def envelope(tokens: np.ndarray, em: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The upper concave, non-decreasing envelope of (tokens, EM) points.
+
+    Returns:
+        The envelope's vertices, by increasing tokens. Between two vertices EM is
+        linear (traffic split between the two settings); past the last it is flat.
+    """
+    order = np.lexsort((-np.asarray(em), np.asarray(tokens)))
+    hull: list[tuple[float, float]] = []
+    for x, y in zip(np.asarray(tokens)[order], np.asarray(em)[order], strict=True):
+        if hull and y <= hull[-1][1]:
+            continue  # dominated: costs as much or more and is no better
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (y - y1) - (y2 - y1) * (x - x1) >= 0:  # hull[-1] lies on or below the chord
+                hull.pop()
+            else:
+                break
+        hull.append((float(x), float(y)))
+    xs, ys = zip(*hull, strict=True)
+    return np.array(xs), np.array(ys)
+
+
+def curve_at(curve: tuple[np.ndarray, np.ndarray], tokens: float) -> float:
+    """EM of a curve at these mean tokens; -inf below its cheapest point."""
+    xs, ys = curve
+    if tokens < xs[0] - 1e-9:
+        return -math.inf
+    return float(np.interp(tokens, xs, ys))
+
+
+def tokens_to_reach(curve: tuple[np.ndarray, np.ndarray], target: float) -> float | None:
+    """The fewest mean tokens at which a curve reaches an EM; None if it never does."""
+    xs, ys = curve
+    if ys[-1] < target - 1e-12:
+        return None
+    if ys[0] >= target:
+        return float(xs[0])
+    k = int(np.argmax(ys >= target - 1e-12))
+    return float(np.interp(target, [ys[k - 1], ys[k]], [xs[k - 1], xs[k]]))
+
+
+def area_under(curve: tuple[np.ndarray, np.ndarray], limit: float) -> float:
+    """Mean EM of a curve over [0, limit] tokens (0 below its cheapest point)."""
+    xs, ys = curve
+    grid = np.linspace(0.0, limit, 2001)
+    values = np.where(grid < xs[0] - 1e-9, 0.0, np.interp(grid, xs, ys))
+    return float(np.trapezoid(values, grid) / limit)
+
+
+# --- policies ----------------------------------------------------------------------
+
+
+def _resolve_policy(path: Path) -> tuple[Path, Path | None]:
+    """(policy folder, run folder or None) for a run or a policy folder."""
+    if (path / "policy.json").is_file():
+        run = path.parent if (path.parent / "config.yml").is_file() else None
+        return path, run
+    if (path / "config.yml").is_file():
+        if not (path / "policy" / "policy.json").is_file():
+            from tokenopt.agents.pipeline import export_run
+
+            export_run(path)
+        return path / "policy", path
+    raise FileNotFoundError(f"{path} is neither a policy folder (policy.json) nor a run folder (config.yml)")
+
+
+def _check_policy(policy: Any, manifest: dict[str, Any], where: Path, table: str) -> None:
+    policy_actions = [str(a["name"]) for a in policy.actions]
+    table_actions = [str(a["name"]) for a in manifest["actions"]]
+    if policy_actions != table_actions:
+        raise ValueError(
+            f"{where}: the policy's action table {policy_actions} does not match the table's {table_actions} ({table})"
+        )
+    if policy.spec.get("feature_spec") != manifest["feature_spec"]:
+        raise ValueError(f"{where}: the policy's feature spec differs from the one {table} was collected with")
+    if policy.extra_inputs:
+        raise ValueError(f"{where}: a {policy.spec.get('env_id')} policy needs inputs {policy.extra_inputs}; "
+                         "eval scores per-query policies (tokenopt/TokenBudget-v0)")  # fmt: skip
+
+
+def _policy_columns(
+    policy_dir: Path, matrix: OutcomeMatrix, questions: list[str], manifest: dict[str, Any], table: str
+) -> np.ndarray:
+    from tokenopt.runtime import BudgetPolicy
+
+    policy = BudgetPolicy.load(policy_dir)
+    _check_policy(policy, manifest, policy_dir, table)
+    column = {name: j for j, name in enumerate(matrix.actions)}
+    return np.array([column[d.action] for d in policy.decide_batch(questions)])
+
+
+def _train_for_weight(run: Path | None, config: ScoreboardConfig, weight: float, out: Path) -> Path:
+    """Train (or reuse) the sweep's policy for one cost weight, like the given run."""
+    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.train import TrainConfig, config_field_names, train
+
+    policy_dir = out / "policy"
+    if (policy_dir / "policy.json").is_file():
+        metadata = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
+        if math.isclose(float(metadata.get("cost_weight", -1)), weight) and metadata.get("table") == config.table:
+            return policy_dir
+    settings: dict[str, Any] = {}
+    if run is not None:
+        saved = yaml.safe_load((run / "config.yml").read_text(encoding="utf-8"))
+        settings = {key: saved[key] for key in config_field_names() if key in saved}
+    settings.update(table=config.table, out=str(out), cost_weight=weight, em_floor=None, token_target=None)
+    if config.total_timesteps is not None:
+        settings["total_timesteps"] = config.total_timesteps
+    if settings.get("env", "budget") != "budget":
+        raise ValueError("eval's sweep trains per-query policies; the run was trained with --env stream")
+    train(TrainConfig(**settings))
+    return export_run(out)
+
+
+# --- the scoreboard --------------------------------------------------------------
+
+
+def _reward(point: OperatingPoint, cost_model: CostModel, prompt: np.ndarray) -> float:
+    return float(cost_model.reward(point.exact_match, point.billed_tokens, prompt).mean())
+
+
+def _row(
+    method: str, setting: str, point: OperatingPoint, reward: float, best_fixed: float, spread: float
+) -> dict[str, Any]:
+    gap = (reward - best_fixed) / spread if spread > 1e-12 else 0.0
+    return {"method": method, "setting": setting, "em": point.em, "tokens": point.tokens, "reward": reward,
+            "gap_recovered": gap}  # fmt: skip
+
+
+def _baseline_points(
+    train: ReplayTable, val: ReplayTable, test: ReplayTable, seed: int
+) -> dict[str, list[OperatingPoint]]:
+    """Every baseline's operating points on the val and the test split, in the same order."""
+    tale = tale_points(train, val, [val, test], seed=seed)
+    router = router_points(train, val, [val, test], seed=seed)
+    return {
+        split: [
+            *fixed_points(target),
+            *tale[k],
+            *dynasor_points(target),
+            *adaptive_consistency_points(target),
+            *router[k],
+        ]  # fmt: skip
+        for k, (split, target) in enumerate((("val", val), ("test", test)))
+    }
+
+
+def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate every method, write ``report.json``, ``report.md``, plots and TensorBoard logs.
+
+    Raises:
+        ValueError: a policy that does not fit the table, an empty split, a bad sweep.
+        FileNotFoundError: the policy or table is missing.
+    """
+    say = progress or (lambda message: None)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = load_manifest(config.table)
+    if len(config.cost_weights) < 1 or any(not (0 <= w < math.inf) for w in config.cost_weights):
+        raise ValueError(f"cost weights must be finite numbers >= 0; got {config.cost_weights}")
+    matrix = OutcomeMatrix.from_table(config.table)
+    replay = ReplayTable.load(config.table, matrix)
+    splits = {}
+    for split in ("train", "val", config.split):
+        if not (matrix.splits == split).any():
+            raise ValueError(
+                f"{config.table} has no query in split {split!r}; eval needs train, val and {config.split}"
+            )
+        splits[split] = replay.subset(split)
+    train_r, val_r, test_r = splits["train"], splits["val"], splits[config.split]
+    policy_dir, run = _resolve_policy(Path(config.policy))
+    from tokenopt.runtime import BudgetPolicy
+
+    _check_policy(BudgetPolicy.load(policy_dir), manifest, policy_dir, config.table)  # before any work
+    policy_meta = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
+    default_weight = float(
+        config.cost_weight if config.cost_weight is not None else policy_meta.get("cost_weight", DEFAULT_COST_WEIGHT)
+    )
+    weights = sorted(set(config.cost_weights) | {default_weight})
+
+    say("replaying the baselines")
+    points = _baseline_points(train_r, val_r, test_r, config.seed)
+    questions = {name: question_texts(config.table, r.matrix.ids) for name, r in (("val", val_r), ("test", test_r))}
+
+    policies: dict[float, Path] = {
+        default_weight: policy_dir,
+        **{float(w): Path(p) for w, p in config.extra_policies.items()},
+    }
+    for weight in weights:
+        if weight not in policies:
+            say(f"training the sweep's policy for cost weight {weight:g}")
+            sweep_dir = Path(config.sweep_dir) if config.sweep_dir else out / "sweep"
+            policies[weight] = _train_for_weight(run, config, weight, sweep_dir / f"lambda-{weight:g}")
+    policy_points: dict[float, OperatingPoint] = {}
+    for weight in weights:
+        columns = _policy_columns(policies[weight], test_r.matrix, questions["test"], manifest, config.table)
+        rows = np.arange(len(columns))
+        policy_points[weight] = OperatingPoint(
+            "tokenopt policy", f"lambda {weight:g}", test_r.matrix.exact_match[rows, columns],
+            test_r.matrix.billed_tokens[rows, columns], columns,
+        )  # fmt: skip
+
+    say("scoring")
+    prompt = {"val": val_r.matrix.prompt_tokens, "test": test_r.matrix.prompt_tokens}
+    curves = {}
+    for method in BASELINES:
+        mine = [p for p in points["test"] if p.method == method]
+        curves[method] = envelope(np.array([p.tokens for p in mine]), np.array([p.em for p in mine]))
+    sweep_points = [policy_points[w] for w in weights]
+    curves["tokenopt policy"] = envelope(
+        np.array([p.tokens for p in sweep_points]), np.array([p.em for p in sweep_points])
+    )
+    greedy_ladder = test_r.ladder("greedy") if "greedy" in test_r.mode_names else [int(np.argmax(test_r.budgets))]
+    reference = greedy_ladder[-1]
+    reference_em = float(test_r.matrix.exact_match[:, reference].mean())
+    reference_tokens = float(test_r.matrix.billed_tokens[:, reference].mean())
+
+    per_weight: list[dict[str, Any]] = []
+    for weight in weights:
+        cost_model = CostModel(weight)
+        rewards = test_r.matrix.rewards(cost_model)
+        oracle_columns = rewards.argmax(axis=1)
+        oracle_reward = float(rewards.max(axis=1).mean())
+        best_fixed = float(rewards.mean(axis=0).max())
+        spread = oracle_reward - best_fixed
+
+        rows = np.arange(len(oracle_columns))
+        oracle_point = OperatingPoint(
+            "oracle", "", test_r.matrix.exact_match[rows, oracle_columns],
+            test_r.matrix.billed_tokens[rows, oracle_columns], oracle_columns,
+        )  # fmt: skip
+        policy = policy_points[weight]
+        rows_out = [
+            _row(
+                "tokenopt policy",
+                f"lambda {weight:g}",
+                policy,
+                _reward(policy, cost_model, prompt["test"]),
+                best_fixed,
+                spread,
+            ),
+            _row("oracle", "per-query best", oracle_point, oracle_reward, best_fixed, spread),
+        ]
+        for method in BASELINES:
+            val_candidates = [(k, p) for k, p in enumerate(points["val"]) if p.method == method]
+            k_best = max(val_candidates, key=lambda item: _reward(item[1], cost_model, prompt["val"]))[0]
+            chosen = points["test"][k_best]
+            reward = _reward(chosen, cost_model, prompt["test"])
+            rows_out.append(_row(method, chosen.setting, chosen, reward, best_fixed, spread))
+        margins = {method: policy.em - curve_at(curves[method], policy.tokens) for method in BASELINES}
+        beaten_by = {method: margin for method, margin in margins.items() if margin < -1e-9}
+        per_weight.append(
+            {
+                "cost_weight": weight,
+                "policy": {"em": policy.em, "tokens": policy.tokens},
+                "oracle": {"em": oracle_point.em, "tokens": oracle_point.tokens, "reward": oracle_reward},
+                "rows": rows_out,
+                "margins": {m: (None if math.isinf(v) else v) for m, v in margins.items()},
+                "on_or_above_all": not beaten_by,
+                "beaten_by": beaten_by,
+            }
+        )
+
+    summary = {}
+    for method, curve in curves.items():
+        summary[method] = {
+            "auc": area_under(curve, reference_tokens),
+            "tokens_to_95": tokens_to_reach(curve, 0.95 * reference_em),
+            "tokens_to_99": tokens_to_reach(curve, 0.99 * reference_em),
+            "curve": [[float(x), float(y)] for x, y in zip(*curve, strict=True)],
+        }
+    oracle_sweep = []
+    for weight in weights:
+        oracle_sweep.append({"cost_weight": weight, **per_weight[weights.index(weight)]["oracle"]})
+    sweep_only = [w for w in per_weight if any(math.isclose(w["cost_weight"], c) for c in config.cost_weights)]
+    default = next(w for w in per_weight if math.isclose(w["cost_weight"], default_weight))
+    report = {
+        "table": config.table,
+        "split": config.split,
+        "queries": len(test_r.matrix.ids),
+        "policy": str(policy_dir),
+        "default_cost_weight": default_weight,
+        "reference": {"action": test_r.matrix.actions[reference], "em": reference_em, "tokens": reference_tokens},
+        "bar": {
+            "weights_on_or_above": sum(w["on_or_above_all"] for w in sweep_only),
+            "weights": len(sweep_only),
+            "gap_recovered_at_default": default["rows"][0]["gap_recovered"],
+        },
+        "per_weight": per_weight,
+        "curves": summary,
+        "oracle_sweep": oracle_sweep,
+        "points": [{"method": p.method, "setting": p.setting, "em": p.em, "tokens": p.tokens} for p in points["test"]],
+        "policies": {f"{w:g}": str(p) for w, p in policies.items()},
+        "action_mix": _action_mix(test_r, policy_points[default_weight].actions, default_weight),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(format_report(report), encoding="utf-8")
+    if config.plots:
+        say("plotting")
+        _plots(out, report, points["test"], policy_points, test_r, default_weight)
+    return report
+
+
+def _action_mix(replay: ReplayTable, columns: np.ndarray | None, weight: float) -> dict[str, dict[str, dict[str, int]]]:
+    families = (
+        replay.matrix.families if replay.matrix.families is not None else np.array(["all"] * len(replay.matrix.ids))
+    )
+    oracle = replay.matrix.rewards(CostModel(weight)).argmax(axis=1)
+    mix: dict[str, dict[str, dict[str, int]]] = {"tokenopt policy": {}, "oracle": {}}
+    for name, picks in (("tokenopt policy", columns), ("oracle", oracle)):
+        assert picks is not None
+        for family, j in zip(families, picks, strict=True):
+            counts = mix[name].setdefault(str(family), {})
+            action = replay.matrix.actions[int(j)]
+            counts[action] = counts.get(action, 0) + 1
+    return mix
+
+
+def _fmt_tokens(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as Markdown."""
+    ref = report["reference"]
+    bar = report["bar"]
+    lines = [
+        "# tokenopt scoreboard",
+        "",
+        f"Outcome table `{report['table']}`, split `{report['split']}` ({report['queries']} queries), policy "
+        f"`{report['policy']}`. Reference: max-budget greedy `{ref['action']}`, EM {ref['em']:.3f} at "
+        f"{ref['tokens']:.2f} mean billed tokens.",
+        "",
+        "Each baseline's curve is the upper concave envelope of its settings' (mean tokens, EM) points on this "
+        "split: any point on it is reachable by splitting traffic between two settings. The policy is one "
+        "trained policy per cost weight. Rows at a weight pick each method's setting by its reward on the "
+        "val split and report this split.",
+        "",
+        "## Verdict",
+        "",
+        f"- The policy is on or above every baseline's curve at its own mean tokens for "
+        f"**{bar['weights_on_or_above']} of {bar['weights']}** cost weights.",
+        f"- Gap recovered at the default weight ({report['default_cost_weight']:g}): "
+        f"**{bar['gap_recovered_at_default']:.2f}**.",
+        "",
+        "## Curves: area and tokens to reach max-budget greedy's EM",
+        "",
+        f"Area: mean EM of the curve over 0 to {ref['tokens']:.2f} tokens (0 below a method's cheapest point).",
+        "",
+        "| method | area | tokens to 95% of ref EM | tokens to 99% of ref EM |",
+        "|---|---|---|---|",
+    ]
+    for method, curve in report["curves"].items():
+        reach = f"{_fmt_tokens(curve['tokens_to_95'])} | {_fmt_tokens(curve['tokens_to_99'])}"
+        lines.append(f"| {method} | {curve['auc']:.3f} | {reach} |")
+    for entry in report["per_weight"]:
+        lines += ["", f"## Cost weight {entry['cost_weight']:g}", ""]
+        lines += [
+            "| method | setting (chosen on val) | EM | mean billed tokens | reward | gap recovered |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in entry["rows"]:
+            numbers = f"{r['em']:.3f} | {r['tokens']:.2f} | {r['reward']:.3f} | {r['gap_recovered']:.2f}"
+            lines.append(f"| {r['method']} | {r['setting']} | {numbers} |")
+        lines.append("")
+        pol = entry["policy"]
+        margins = ", ".join(
+            f"{m} {'n/a (policy cheaper than its cheapest point)' if v is None else f'{100 * v:+.1f}'}"
+            for m, v in entry["margins"].items()
+        )
+        lines.append(
+            f"Policy at {pol['tokens']:.2f} tokens, EM {pol['em']:.3f}; its EM margin over each curve at those "
+            f"tokens (points): {margins}."
+        )
+        if entry["beaten_by"]:
+            worst = min(entry["beaten_by"], key=entry["beaten_by"].get)
+            lines.append(f"Below the curve of: {', '.join(entry['beaten_by'])} (most by {worst}).")
+        policy_reward = entry["rows"][0]["reward"]
+        ahead = [r for r in entry["rows"][2:] if r["reward"] > policy_reward + 1e-12]
+        if ahead:
+            lines.append(
+                "Higher reward than the policy at this weight: "
+                + ", ".join(f"{r['method']} ({r['setting']}, {r['reward'] - policy_reward:+.3f})" for r in ahead)
+                + "."
+            )
+    lines += ["", "## Action mix at the default weight", "", "| family | tokenopt policy | oracle |", "|---|---|---|"]
+    mix = report["action_mix"]
+    for family in mix["tokenopt policy"]:
+        cells = []
+        for name in ("tokenopt policy", "oracle"):
+            counts = sorted(mix[name].get(family, {}).items(), key=lambda item: -item[1])
+            cells.append(", ".join(f"{action} {count}" for action, count in counts[:4]))
+        lines.append(f"| {family} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {
+    "fixed": "tab:gray",
+    "TALE-style": "tab:blue",
+    "Dynasor-style": "tab:green",
+    "Adaptive-Consistency-style": "tab:purple",
+    "RouteLLM-style": "tab:orange",
+    "tokenopt policy": "crimson",
+}
+
+
+def _plots(
+    out: Path,
+    report: dict[str, Any],
+    points: list[OperatingPoint],
+    policy_points: dict[float, OperatingPoint],
+    replay: ReplayTable,
+    default_weight: float,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokenopt.agents.train import action_mix_figure
+
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    for method in BASELINES:
+        mine = [p for p in points if p.method == method]
+        color = _COLORS[method]
+        axis.scatter([p.tokens for p in mine], [p.em for p in mine], s=12, color=color, alpha=0.35)
+        xs, ys = (np.array(v) for v in zip(*report["curves"][method]["curve"], strict=True))
+        dense = np.concatenate([np.linspace(a, b, 30) for a, b in zip(xs[:-1], xs[1:], strict=True)] + [xs[-1:]])
+        dense = np.append(dense, xs[-1] * 2)  # flat past the last vertex
+        axis.plot(dense, np.interp(dense, xs, ys), color=color, lw=1.8, label=f"{method} (envelope)")
+    weights = sorted(policy_points)
+    axis.plot([policy_points[w].tokens for w in weights], [policy_points[w].em for w in weights], color="crimson",
+              lw=2.5, marker="*", markersize=14, label="tokenopt policy (one per cost weight λ)", zorder=6)  # fmt: skip
+    for k, w in enumerate(weights):
+        axis.annotate(f"λ={w:g}", (policy_points[w].tokens, policy_points[w].em), textcoords="offset points",
+                      xytext=(6, -14 if k % 2 else 8), fontsize=7, color="crimson")  # fmt: skip
+    oracle = report["oracle_sweep"]
+    axis.plot([o["tokens"] for o in oracle], [o["em"] for o in oracle], color="black", marker="X", ls="--", lw=1,
+              label="oracle (per cost weight)", zorder=5)  # fmt: skip
+    ref = report["reference"]
+    axis.axhline(ref["em"], color="gray", ls=":", lw=1)
+    axis.annotate(f"max-budget greedy ({ref['action']})", (ref["tokens"], ref["em"]), fontsize=7, color="gray",
+                  textcoords="offset points", xytext=(4, 4))  # fmt: skip
+    axis.set_xscale("log")
+    axis.set_xlabel("mean billed tokens per query (log scale)")
+    axis.set_ylabel("exact match")
+    axis.set_title(f"EM vs tokens on the {report['split']} split: every method, same LM and data")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out / "em_vs_tokens.png", dpi=120)
+
+    policy_columns = policy_points[default_weight].actions
+    assert policy_columns is not None
+    oracle_columns = replay.matrix.rewards(CostModel(default_weight)).argmax(axis=1)
+    mix_policy = action_mix_figure(replay.matrix, policy_columns)
+    mix_policy.axes[0].set_title(f"tokenopt policy: actions per family (lambda {default_weight:g})")
+    mix_policy.savefig(out / "action_mix.png", dpi=120)
+    mix_oracle = action_mix_figure(replay.matrix, oracle_columns)
+    mix_oracle.axes[0].set_title(f"oracle: actions per family (lambda {default_weight:g})")
+    mix_oracle.savefig(out / "action_mix_oracle.png", dpi=120)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"))
+    for step, entry in enumerate(report["per_weight"]):
+        for r in entry["rows"]:
+            tag = r["method"].replace(" ", "_")
+            for key in ("em", "tokens", "reward", "gap_recovered"):
+                writer.add_scalar(f"scoreboard/{tag}/{key}", r[key], step)
+    writer.add_figure("scoreboard/em_vs_tokens", figure, close=True)
+    writer.add_figure("scoreboard/action_mix", mix_policy, close=True)
+    writer.add_figure("scoreboard/action_mix_oracle", mix_oracle, close=True)
+    writer.close()
