@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from tokenopt.actions import parse_mode
 from tokenopt.metrics import normalize_answer
@@ -440,10 +439,3 @@ def adaptive_consistency_points(
                 em[i], billed[i] = correct[chosen], tokens[:drawn].sum()
             points.append(OperatingPoint("Adaptive-Consistency-style", f"{name}, {rule}", em, billed, np.full(n, j)))
     return points
-
-
-def question_texts(directory: str | Path, ids: list[str]) -> list[str]:
-    """The question of each id, from a table's ``queries.parquet``."""
-    table = pq.read_table(Path(directory) / "queries.parquet", columns=["id", "question"])
-    text_of = dict(zip(table.column("id").to_pylist(), table.column("question").to_pylist(), strict=True))
-    return [text_of[query_id] for query_id in ids]

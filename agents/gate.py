@@ -166,7 +166,7 @@ def check_policy_fits_table(policy: BudgetPolicy, manifest: dict[str, Any], wher
     if policy.extra_inputs:
         raise ValueError(
             f"{where}: the policy takes extra inputs {policy.extra_inputs} (a stream policy); "
-            "the gate compares per-query (budget env) policies"
+            "gate, cv and eval score per-query (budget env) policies"
         )
 
 

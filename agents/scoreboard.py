@@ -29,10 +29,10 @@ from tokenopt.agents.baselines import (
     adaptive_consistency_points,
     dynasor_points,
     fixed_points,
-    question_texts,
     router_points,
     tale_points,
 )
+from tokenopt.agents.gate import check_policy_fits_table, policy_choices, query_questions
 from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.outcomes import OutcomeMatrix, load_manifest
 
@@ -140,29 +140,14 @@ def _resolve_policy(path: Path) -> tuple[Path, Path | None]:
     raise FileNotFoundError(f"{path} is neither a policy folder (policy.json) nor a run folder (config.yml)")
 
 
-def _check_policy(policy: Any, manifest: dict[str, Any], where: Path, table: str) -> None:
-    policy_actions = [str(a["name"]) for a in policy.actions]
-    table_actions = [str(a["name"]) for a in manifest["actions"]]
-    if policy_actions != table_actions:
-        raise ValueError(
-            f"{where}: the policy's action table {policy_actions} does not match the table's {table_actions} ({table})"
-        )
-    if policy.spec.get("feature_spec") != manifest["feature_spec"]:
-        raise ValueError(f"{where}: the policy's feature spec differs from the one {table} was collected with")
-    if policy.extra_inputs:
-        raise ValueError(f"{where}: a {policy.spec.get('env_id')} policy needs inputs {policy.extra_inputs}; "
-                         "eval scores per-query policies (tokenopt/TokenBudget-v0)")  # fmt: skip
-
-
 def _policy_columns(
-    policy_dir: Path, matrix: OutcomeMatrix, questions: list[str], manifest: dict[str, Any], table: str
+    policy_dir: Path, matrix: OutcomeMatrix, questions: dict[str, str], manifest: dict[str, Any]
 ) -> np.ndarray:
     from tokenopt.runtime import BudgetPolicy
 
     policy = BudgetPolicy.load(policy_dir)
-    _check_policy(policy, manifest, policy_dir, table)
-    column = {name: j for j, name in enumerate(matrix.actions)}
-    return np.array([column[d.action] for d in policy.decide_batch(questions)])
+    check_policy_fits_table(policy, manifest, str(policy_dir))
+    return policy_choices(policy, matrix, questions)
 
 
 def _train_for_weight(run: Path | None, config: ScoreboardConfig, weight: float, out: Path) -> Path:
@@ -247,7 +232,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     policy_dir, run = _resolve_policy(Path(config.policy))
     from tokenopt.runtime import BudgetPolicy
 
-    _check_policy(BudgetPolicy.load(policy_dir), manifest, policy_dir, config.table)  # before any work
+    check_policy_fits_table(BudgetPolicy.load(policy_dir), manifest, str(policy_dir))  # before any work
     policy_meta = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
     default_weight = float(
         config.cost_weight if config.cost_weight is not None else policy_meta.get("cost_weight", DEFAULT_COST_WEIGHT)
@@ -256,7 +241,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
 
     say("replaying the baselines")
     points = _baseline_points(train_r, val_r, test_r, config.seed)
-    questions = {name: question_texts(config.table, r.matrix.ids) for name, r in (("val", val_r), ("test", test_r))}
+    questions = query_questions(config.table)
 
     policies: dict[float, Path] = {
         default_weight: policy_dir,
@@ -269,7 +254,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             policies[weight] = _train_for_weight(run, config, weight, sweep_dir / f"lambda-{weight:g}")
     policy_points: dict[float, OperatingPoint] = {}
     for weight in weights:
-        columns = _policy_columns(policies[weight], test_r.matrix, questions["test"], manifest, config.table)
+        columns = _policy_columns(policies[weight], test_r.matrix, questions, manifest)
         rows = np.arange(len(columns))
         policy_points[weight] = OperatingPoint(
             "tokenopt policy", f"lambda {weight:g}", test_r.matrix.exact_match[rows, columns],
