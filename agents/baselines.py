@@ -23,14 +23,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tokenopt.actions import parse_mode
-from tokenopt.metrics import normalize_answer
-from tokenopt.outcomes import OutcomeMatrix, load_outcomes
+from tokenopt.outcomes import ReplayTable
 
 __all__ = [
     "OperatingPoint",
@@ -65,100 +63,6 @@ class OperatingPoint:
     def tokens(self) -> float:
         """Mean billed tokens."""
         return float(self.billed_tokens.mean())
-
-
-@dataclass
-class ReplayTable:
-    """An :class:`OutcomeMatrix` plus the per-row details the replayed methods read.
-
-    Arrays are (queries x actions), aligned with ``matrix``.
-    """
-
-    matrix: OutcomeMatrix
-    budgets: np.ndarray
-    """Budget of each action column."""
-    modes: list[str]
-    """Mode of each action column."""
-    answers: np.ndarray
-    """Normalised answer of each (query, action)."""
-    probe_tokens: np.ndarray
-    """Cue + answer tokens of each (query, action): what probing that budget bills."""
-    reasoning_tokens: np.ndarray
-    natural_stop: np.ndarray
-    samples: np.ndarray
-    """Per (query, action): a tuple (normalised answers, em, tokens, logprobs) of its sequences."""
-
-    @classmethod
-    def load(cls, directory: str | Path, matrix: OutcomeMatrix | None = None) -> ReplayTable:
-        """Load the details of a table for the queries of ``matrix`` (default: all).
-
-        Raises:
-            ValueError: the table lacks the per-sequence columns (an older schema).
-        """
-        matrix = matrix if matrix is not None else OutcomeMatrix.from_table(directory)
-        table = load_outcomes(directory)
-        needed = ["id", "action", "answer", "cue_tokens", "answer_tokens", "reasoning_tokens", "natural_stop"]
-        needed += ["sample_answers", "sample_em", "sample_tokens", "sample_logprobs"]
-        missing = [name for name in needed if name not in table.column_names]
-        if missing:
-            raise ValueError(f"{directory}: the outcome table has no columns {missing}; collect it again")
-        row_of = {query_id: i for i, query_id in enumerate(matrix.ids)}
-        column_of = {action: j for j, action in enumerate(matrix.actions)}
-        shape = (len(matrix.ids), len(matrix.actions))
-        answers = np.empty(shape, dtype=object)
-        samples = np.empty(shape, dtype=object)
-        probe = np.zeros(shape)
-        reasoning = np.zeros(shape)
-        natural = np.zeros(shape, dtype=bool)
-        columns = {name: table.column(name).to_pylist() for name in needed}
-        for k, query_id in enumerate(columns["id"]):
-            i = row_of.get(query_id)
-            if i is None:
-                continue
-            j = column_of[columns["action"][k]]
-            answers[i, j] = normalize_answer(columns["answer"][k])
-            probe[i, j] = columns["cue_tokens"][k] + columns["answer_tokens"][k]
-            reasoning[i, j] = columns["reasoning_tokens"][k]
-            natural[i, j] = columns["natural_stop"][k]
-            samples[i, j] = (
-                [normalize_answer(a) for a in columns["sample_answers"][k]],
-                np.asarray(columns["sample_em"][k], dtype=np.float64),
-                np.asarray(columns["sample_tokens"][k], dtype=np.float64),
-                np.asarray(columns["sample_logprobs"][k], dtype=np.float64),
-            )
-        budgets = np.array([int(name.split("/")[0][1:]) for name in matrix.actions])
-        modes = [name.split("/")[1] for name in matrix.actions]
-        return cls(matrix, budgets, modes, answers, probe, reasoning, natural, samples)
-
-    def take(self, indices: np.ndarray) -> ReplayTable:
-        """The rows at these indices."""
-        return ReplayTable(
-            self.matrix.take(indices),
-            self.budgets,
-            self.modes,
-            self.answers[indices],
-            self.probe_tokens[indices],
-            self.reasoning_tokens[indices],
-            self.natural_stop[indices],
-            self.samples[indices],
-        )
-
-    def subset(self, split: str) -> ReplayTable:
-        """The rows of one split."""
-        mask = self.matrix.splits == split
-        if not mask.any():
-            raise ValueError(f"the table has no query in split {split!r}")
-        return self.take(np.flatnonzero(mask))
-
-    def ladder(self, mode: str) -> list[int]:
-        """Action columns of one mode, by increasing budget."""
-        columns = [j for j, m in enumerate(self.modes) if m == mode]
-        return sorted(columns, key=lambda j: self.budgets[j])
-
-    @property
-    def mode_names(self) -> list[str]:
-        """The table's modes, in action-table order."""
-        return list(dict.fromkeys(self.modes))
 
 
 def fixed_points(replay: ReplayTable) -> list[OperatingPoint]:

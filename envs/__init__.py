@@ -1,13 +1,14 @@
 """Gymnasium environments of tokenopt, installed as ``tokenopt.envs``.
 
-Importing this package registers ``tokenopt/TokenBudget-v0`` and
-``tokenopt/TokenBudgetStream-v0``.
+Importing this package registers ``tokenopt/TokenBudget-v0``,
+``tokenopt/TokenBudgetStream-v0`` and ``tokenopt/TokenBudgetProbe-v0``.
 """
 
 from gymnasium.envs.registration import register, registry
 
 from tokenopt.envs.backends import LiveLMBackend, Outcome, OutcomeBackend, TableBackend
 from tokenopt.envs.budget import TokenBudgetEnv
+from tokenopt.envs.probe import TokenBudgetProbeEnv
 from tokenopt.envs.stream import TokenBudgetStreamEnv
 
 __all__ = [
@@ -16,12 +17,14 @@ __all__ = [
     "OutcomeBackend",
     "TableBackend",
     "TokenBudgetEnv",
+    "TokenBudgetProbeEnv",
     "TokenBudgetStreamEnv",
 ]
 
 for _env_id, _entry_point in (
     ("tokenopt/TokenBudget-v0", "tokenopt.envs.budget:TokenBudgetEnv"),
     ("tokenopt/TokenBudgetStream-v0", "tokenopt.envs.stream:TokenBudgetStreamEnv"),
+    ("tokenopt/TokenBudgetProbe-v0", "tokenopt.envs.probe:TokenBudgetProbeEnv"),
 ):
     if _env_id not in registry:
         register(id=_env_id, entry_point=_entry_point)

@@ -1,0 +1,120 @@
+"""``tokenopt/TokenBudgetProbe-v0``: replaying the probes of an outcome table."""
+
+import pickle
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import tokenopt.envs  # noqa: F401
+from tokenopt.envs import TokenBudgetProbeEnv
+from tokenopt.envs.probe import ANSWER, CONTINUE, PROBE_INPUTS
+from tokenopt.outcomes import OutcomeMatrix, ReplayTable
+
+
+@pytest.fixture(scope="module")
+def replay(demo_table):
+    return ReplayTable.load(demo_table, OutcomeMatrix.from_table(demo_table))
+
+
+def test_checkers_pass_without_warnings(demo_table):
+    env = gym.make("tokenopt/TokenBudgetProbe-v0", table=str(demo_table))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env.unwrapped, skip_render_check=True)
+        sb3_check_env(env.unwrapped, warn=True)
+
+
+def _episode(env, query, policy):
+    observation, _ = env.reset(seed=0, options={"query": query})
+    total, steps = 0.0, 0
+    while True:
+        observation, reward, terminated, truncated, info = env.step(policy(observation))
+        total += reward
+        steps += 1
+        if terminated or truncated:
+            return total, info, steps
+
+
+def test_answering_at_once_is_the_budget_0_action(replay):
+    env = TokenBudgetProbeEnv(replay=replay, split="test", cost_weight=0.01)
+    test = replay.subset("test")
+    first = test.ladder("greedy")[0]
+    for query in range(0, 60, 7):
+        total, info, steps = _episode(env, query, lambda _: ANSWER)
+        assert steps == 1
+        assert info["billed_tokens"] == pytest.approx(test.matrix.billed_tokens[query, first])
+        assert info["em"] == test.matrix.exact_match[query, first]
+        assert total == pytest.approx(info["em"] - 0.01 * info["billed_tokens"])
+
+
+def test_continuing_bills_the_reasoning_and_every_probe(replay):
+    env = TokenBudgetProbeEnv(replay=replay, split="test", cost_weight=0.01)
+    test = replay.subset("test")
+    ladder = test.ladder("greedy")
+    for query in range(0, 60, 5):
+        total, info, steps = _episode(env, query, lambda _: CONTINUE)
+        stop = next(k for k, j in enumerate(ladder) if test.natural_stop[query, j] or k == len(ladder) - 1)
+        column = ladder[stop]
+        expected = test.reasoning_tokens[query, column] + test.probe_tokens[query, ladder[: stop + 1]].sum()
+        assert info["checkpoint"] == stop and steps == max(stop, 1)
+        assert info["billed_tokens"] == pytest.approx(expected)
+        assert info["em"] == test.matrix.exact_match[query, column]
+        assert total == pytest.approx(info["em"] - 0.01 * expected)
+    # Free probes: the bill is exactly that of the fixed action at the exit budget.
+    free = TokenBudgetProbeEnv(replay=replay, split="test", cost_weight=0.01, probe_token_price=0.0)
+    for query in range(0, 60, 5):
+        _, info, _ = _episode(free, query, lambda _: CONTINUE)
+        column = ladder[info["checkpoint"]]
+        assert info["billed_tokens"] == pytest.approx(test.matrix.billed_tokens[query, column])
+
+
+def test_observation_reports_the_probes(replay):
+    env = TokenBudgetProbeEnv(replay=replay, split="test")
+    test = replay.subset("test")
+    ladder = test.ladder("greedy")
+    dim = test.matrix.features.shape[1]
+    query = next(i for i in range(len(test.matrix.ids)) if not test.natural_stop[i, ladder[1]])
+    observation, _ = env.reset(options={"query": query})
+    observation, *_ = env.step(CONTINUE)
+    probes = dict(zip(PROBE_INPUTS, observation[dim:], strict=True))
+    agree = test.answers[query, ladder[0]] == test.answers[query, ladder[1]]
+    assert probes["agrees_with_last"] == float(agree)
+    assert probes["answer_changes_fraction"] == float(not agree)
+    assert probes["checkpoint_fraction"] == pytest.approx(1 / (len(ladder) - 1))
+    assert probes["probe_logprob"] == pytest.approx(test.answer_logprob[query, ladder[1]])
+
+
+def test_seeded_and_picklable(demo_table):
+    def run(env):
+        rewards = []
+        env.action_space.seed(3)
+        env.reset(seed=3)
+        for _ in range(30):
+            _, reward, terminated, _, _ = env.step(env.action_space.sample())
+            rewards.append(reward)
+            if terminated:
+                env.reset()
+        return rewards
+
+    env = TokenBudgetProbeEnv(table=demo_table)
+    assert run(env) == run(TokenBudgetProbeEnv(table=demo_table))
+    assert run(pickle.loads(pickle.dumps(env))) == run(env)
+
+
+def test_bad_settings_are_named(demo_table, replay):
+    with pytest.raises(ValueError, match="mode 'sc9'"):
+        TokenBudgetProbeEnv(replay=replay, mode="sc9")
+    with pytest.raises(ValueError, match="split"):
+        TokenBudgetProbeEnv(replay=replay, split="dev")
+    with pytest.raises(ValueError, match="exactly one"):
+        TokenBudgetProbeEnv(table=demo_table, replay=replay)
+    with pytest.raises(ValueError, match="probe_token_price"):
+        TokenBudgetProbeEnv(replay=replay, probe_token_price=-1)
+    env = TokenBudgetProbeEnv(replay=replay)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="not 0"):
+        env.step(np.int64(2))
