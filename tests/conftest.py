@@ -30,7 +30,8 @@ def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An outcome table of 1,500 demo queries (all splits), collected with the embedded LM.
 
     ``TOKENOPT_TEST_TABLE`` may name a table already collected this way (suite seed 5,
-    1,500 queries, default settings), to skip the collection while developing.
+    1,500 queries, default settings, with the suite's ``questions.jsonl`` beside the
+    table folder), to skip the collection while developing.
     """
     from tokenopt.collect import CollectConfig, collect
 
