@@ -15,6 +15,15 @@ from tokenopt.agents.export import export_policy
 from tokenopt.cost import CostModel
 from tokenopt.outcomes import OutcomeMatrix, load_manifest
 
+_EXTRA_INPUTS = {
+    "stream": ["budget_left_fraction", "queries_left_fraction"],
+    "probe": [
+        "tokens_spent_fraction", "checkpoint_fraction", "probe_logprob", "agrees_with_last", "last_three_agree",
+        "answer_changes_fraction", "stopped_by_itself",
+    ],
+}  # fmt: skip
+"""Inputs after the prompt features, per environment (the probe's are tokenopt.envs.probe.PROBE_INPUTS)."""
+
 __all__ = [
     "EvaluationRow",
     "evaluate_policy",
@@ -78,7 +87,7 @@ def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
         "clip": float(run.normalizer.clip_obs),
         "epsilon": float(run.normalizer.epsilon),
         "answer_tokens": int(settings.get("max_answer_tokens", 8)) + 1,
-        "extra_inputs": ["budget_left_fraction", "queries_left_fraction"] if run.config.get("env") == "stream" else [],
+        "extra_inputs": _EXTRA_INPUTS.get(str(run.config.get("env", "budget")), []),
         "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
     }
 

@@ -32,7 +32,11 @@ __all__ = ["TrainConfig", "TrainResult", "evaluate_actions", "load_config", "tra
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ENV_IDS = {"budget": "tokenopt/TokenBudget-v0", "stream": "tokenopt/TokenBudgetStream-v0"}
+ENV_IDS = {
+    "budget": "tokenopt/TokenBudget-v0",
+    "stream": "tokenopt/TokenBudgetStream-v0",
+    "probe": "tokenopt/TokenBudgetProbe-v0",
+}
 
 
 @dataclass
@@ -44,7 +48,8 @@ class TrainConfig:
     out: str = "runs/train"
     """Run folder."""
     env: str = "budget"
-    """Environment: ``budget`` (one query per episode) or ``stream`` (shared budget)."""
+    """Environment: ``budget`` (one query per episode), ``stream`` (shared budget) or ``probe``
+    (answer-or-continue at budget checkpoints)."""
     algo: str = "ppo"
     """``ppo`` or ``maskable_ppo`` (sb3-contrib)."""
     config_file: str = str(CONFIG_DIR / "ppo.yml")
@@ -234,6 +239,58 @@ def _stream_validator(config: TrainConfig, matrix: OutcomeMatrix, episodes: int 
 
     def validate(model: Any, vec_env: Any) -> tuple[dict[str, float], dict[str, float]]:
         return run(model, vec_env, envs["val"]), run(model, vec_env, envs["train"])
+
+    return validate
+
+
+def _probe_validator(config: TrainConfig, replay: Any) -> Validator:
+    """Validation on TokenBudgetProbe-v0: one episode per val query (and per train sample query).
+
+    Gap recovered compares with the full action table's best fixed action and oracle,
+    as for TokenBudget-v0, so the two controllers' figures are comparable.
+    """
+    from tokenopt.envs import TokenBudgetProbeEnv
+
+    cost_model = CostModel(config.cost_weight, config.token_price)
+    envs = {
+        split: TokenBudgetProbeEnv(
+            replay=replay, split=split, cost_weight=config.cost_weight, token_price=config.token_price
+        )  # fmt: skip
+        for split in ("val", "train")
+    }
+    reference_em = float(replay.subset("val").matrix.exact_match[:, _max_budget_greedy(replay.matrix)].mean())
+    rows = {split: np.arange(min(len(env.replay.matrix.ids), 600)) for split, env in envs.items()}
+
+    def run(model: Any, vec_env: Any, split: str) -> dict[str, float]:
+        env = envs[split]
+        predict = _Predictor(model, vec_env)
+        exact, tokens = [], []
+        for i in rows[split]:
+            observation, _ = env.reset(options={"query": int(i)})
+            while True:
+                observation, _, done, _, info = env.step(int(predict(observation[None, :])[0]))
+                if done:
+                    break
+            exact.append(info["em"])
+            tokens.append(info["billed_tokens"])
+        matrix = env.replay.matrix.take(rows[split])
+        rewards = matrix.rewards(cost_model)
+        reward = float(np.mean(cost_model.reward(np.array(exact), np.array(tokens), matrix.prompt_tokens)))
+        oracle, best_fixed = float(rewards.max(axis=1).mean()), float(rewards.mean(axis=0).max())
+        spread = oracle - best_fixed
+        em = float(np.mean(exact))
+        return {
+            "em": em,
+            "tokens": float(np.mean(tokens)),
+            "reward": reward,
+            "oracle_reward": oracle,
+            "best_fixed_reward": best_fixed,
+            "gap_recovered": (reward - best_fixed) / spread if spread > 1e-12 else 0.0,
+            "em_drop_points": 100.0 * (reference_em - em),
+        }
+
+    def validate(model: Any, vec_env: Any) -> tuple[dict[str, float], dict[str, float]]:
+        return run(model, vec_env, "val"), run(model, vec_env, "train")
 
     return validate
 
@@ -449,11 +506,19 @@ def train(
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
         }
-    else:
-        if config.em_floor is not None or config.token_target is not None:
-            raise ValueError("--em-floor and --token-target apply to --env budget; the stream has its own budget")
+    elif config.em_floor is not None or config.token_target is not None:
+        raise ValueError(f"--em-floor and --token-target apply to --env budget, not --env {config.env}")
+    elif config.env == "stream":
         env_class = TokenBudgetStreamEnv
         env_kwargs = {"backend": TableBackend(matrix, "train")}
+    else:
+        from tokenopt.envs import TokenBudgetProbeEnv
+        from tokenopt.outcomes import ReplayTable
+
+        replay = ReplayTable.load(config.table, matrix)
+        env_class = TokenBudgetProbeEnv
+        env_kwargs = {"replay": replay, "split": "train", "cost_weight": config.cost_weight,
+                      "token_price": config.token_price}  # fmt: skip
     n_envs = int(hyperparams.pop("n_envs", 8))
     total = int(config.total_timesteps or hyperparams.pop("n_timesteps", 60000))
     hyperparams.pop("n_timesteps", None)
@@ -502,8 +567,10 @@ def train(
     }
     if config.env == "budget":
         validate = _budget_validator(config, val, train_sample)
-    else:
+    elif config.env == "stream":
         validate = _stream_validator(config, matrix)
+    else:
+        validate = _probe_validator(config, replay)
     callback = _make_callback(config, run_dir, validate, vec_env, hparams, progress)
     model.learn(total_timesteps=total, callback=callback)
     best = callback.best_metrics

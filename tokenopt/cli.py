@@ -220,7 +220,7 @@ def train(
         Path | None, typer.Option(help="YAML of PPO hyperparameters keyed by env id. Default: agents/configs/ppo.yml.")
     ] = None,
     env: Annotated[
-        str, typer.Option(help="budget (TokenBudget-v0, one query per episode) or stream (TokenBudgetStream-v0).")
+        str, typer.Option(help="budget (TokenBudget-v0), stream (TokenBudgetStream-v0) or probe (TokenBudgetProbe-v0).")
     ] = "budget",
     algo: Annotated[str, typer.Option(help="ppo, or maskable_ppo (sb3-contrib).")] = "ppo",
     total_timesteps: Annotated[

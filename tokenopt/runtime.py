@@ -210,7 +210,17 @@ class BudgetPolicy:
         )
 
     def decide_batch(self, prompts: list[str], extras: np.ndarray | None = None) -> list[Decision]:
-        """Decisions for many prompts at once."""
+        """Decisions for many prompts at once.
+
+        Raises:
+            ValueError: the policy is a probe controller (its two outputs are answer or
+                continue at a checkpoint, not an action of the table), or needs extras.
+        """
+        if self.spec.get("env_id") == "tokenopt/TokenBudgetProbe-v0":
+            raise ValueError(
+                "this is a TokenBudgetProbe-v0 controller: it says answer or continue at each checkpoint from "
+                "the probes, and does not pick a (budget, mode); call probabilities() with the probe inputs"
+            )
         observations = self.features.batch(prompts).astype(np.float64)
         if self.extra_inputs:
             if extras is None:
