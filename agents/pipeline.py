@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from tokenopt.agents.export import export_policy
+from tokenopt.agents.gate import policy_choices, query_questions
 from tokenopt.cost import CostModel
 from tokenopt.outcomes import OutcomeMatrix, load_manifest
 
@@ -225,19 +226,7 @@ def evaluate_policy(
 
     cost_model = cost_model or CostModel()
     matrix = OutcomeMatrix.from_table(table).subset(split)
-    policy = BudgetPolicy.load(policy_dir)
-    import pyarrow.parquet as pq
-
-    questions = dict(
-        zip(
-            *(pq.read_table(Path(table) / "queries.parquet", columns=["id", "question"]).column(c).to_pylist()
-              for c in ("id", "question")),
-            strict=True,
-        )
-    )  # fmt: skip
-    decisions = policy.decide_batch([questions[query_id] for query_id in matrix.ids])
-    column = {name: j for j, name in enumerate(matrix.actions)}
-    chosen = np.array([column[d.action] for d in decisions])
+    chosen = policy_choices(BudgetPolicy.load(policy_dir), matrix, query_questions(table))
     rewards = matrix.rewards(cost_model)
     rows_index = np.arange(len(matrix.ids))
     oracle = float(rewards.max(axis=1).mean())
@@ -261,9 +250,10 @@ def evaluate_policy(
         rows.append(row(f"fixed {name}", np.full(len(matrix.ids), j)))
     mix: dict[str, dict[str, int]] = {}
     families = matrix.families if matrix.families is not None else np.array(["all"] * len(matrix.ids))
-    for family, decision in zip(families, decisions, strict=True):
-        mix.setdefault(str(family), {}).setdefault(decision.action, 0)
-        mix[str(family)][decision.action] += 1
+    for family, column in zip(families, chosen, strict=True):
+        action = matrix.actions[int(column)]
+        mix.setdefault(str(family), {}).setdefault(action, 0)
+        mix[str(family)][action] += 1
     extra = {"best_fixed_action": matrix.actions[int(np.argmax(means))], "action_mix": mix, "queries": len(matrix.ids)}
     return rows, extra
 
