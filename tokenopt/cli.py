@@ -606,5 +606,22 @@ def tune_command(
     )
 
 
+@app.command("ab-report")
+def ab_report_command(
+    log: Annotated[Path, typer.Argument(help="Decision log the server writes with --log.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of Markdown.")] = False,
+    alpha: Annotated[float, typer.Option(help="Significance level of both two-sided tests, in (0, 1).")] = 0.05,
+) -> None:
+    """Compare arms A and B of a decision log: EM (z-test on feedback) and billed tokens (Welch's t-test)."""
+    from tokenopt.agents.ab_test import ab_report, format_ab_report
+
+    try:
+        report = ab_report(log, alpha)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    typer.echo(json.dumps(report.to_dict(), indent=2) if json_output else format_ab_report(report))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
