@@ -42,3 +42,14 @@ def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_jsonl(generate_suite(SuiteConfig(n_queries=1500, seed=5)), questions)
     collect(CollectConfig(out=str(root / "table"), data=str(questions)))
     return root / "table"
+
+
+@pytest.fixture(scope="session")
+def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> Path:
+    """A prompt-only policy trained briefly on the demo table and exported (policy folder)."""
+    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("serve_policy") / "run"
+    train(TrainConfig(table=str(demo_table), out=str(run), total_timesteps=12_288, eval_freq=4096, seed=0))
+    return export_run(run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,7 +15,16 @@ from tokenopt.actions import Mode
 from tokenopt.lm.decoding import DecodeSettings, DecodeStats, SequenceOutcome, decode_with_budgets
 from tokenopt.metrics import normalize_answer
 
-__all__ = ["DEMO_MODEL_DIR", "ModeOutcome", "PromptFormat", "TransformersLM", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DEMO_MODEL_DIR",
+    "Completion",
+    "ModeOutcome",
+    "PlainCompletion",
+    "PromptFormat",
+    "TransformersLM",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +133,30 @@ def _vote(sequences: list[tuple[str, float]]) -> tuple[int, float]:
     members = [i for i, key in enumerate(keys) if key == best_key]
     chosen = max(members, key=lambda i: sequences[i][1])
     return chosen, counts[best_key] / len(sequences)
+
+
+@dataclass
+class Completion:
+    """One request served with budget forcing: its outcome and the text returned."""
+
+    outcome: ModeOutcome
+    text: str
+    """Reasoning, cue and answer of the returned sequence (the voted one for ``sc<k>``)."""
+    prompt_tokens: int
+    forced: bool
+    """Whether the budget ran out before the LM answered by itself."""
+
+
+@dataclass
+class PlainCompletion:
+    """One sequence of plain generation (no budget forcing)."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    """Log-probability of each generated token under the model (before temperature)."""
+    finish_reason: str
+    """``stop`` (EOS or a stop string) or ``length`` (``max_tokens`` reached)."""
 
 
 class TransformersLM:
@@ -259,3 +292,109 @@ class TransformersLM:
             {budget: self._summarise(sequences, mode, latency[i][budget]) for budget, sequences in per_query.items()}
             for i, per_query in enumerate(outcomes)
         ]
+
+    def complete(
+        self,
+        prompts: list[list[int]],
+        mode: Mode,
+        budget: int,
+        seeds: list[int] | None = None,
+        max_answer_tokens: int | None = None,
+    ) -> list[Completion]:
+        """Serve a batch at one budget with budget forcing, returning text as well as outcomes.
+
+        Args:
+            prompts: token ids of each prompt.
+            mode: decoding mode shared by the batch.
+            budget: reasoning budget shared by the batch.
+            seeds: one seed per prompt for ``sc<k>``.
+            max_answer_tokens: a smaller answer cap than the prompt format's (a client's
+                ``max_tokens`` may leave less room).
+        """
+        settings = self.settings
+        if max_answer_tokens is not None:
+            settings = replace(settings, max_answer_tokens=max(1, min(max_answer_tokens, settings.max_answer_tokens)))
+        outcomes, latency, stats = decode_with_budgets(self.model, prompts, mode, [budget], settings, seeds)
+        self.stats.add(stats)
+        cue = self.prompt_format.answer_cue
+        completions = []
+        for prompt, per_budget, waited in zip(prompts, outcomes, latency, strict=True):
+            sequences = per_budget[budget]
+            summary = self._summarise(sequences, mode, waited[budget])
+            chosen = 0
+            if mode.kind == "sc":
+                # The sample the vote returned: the winning answer's most confident sample.
+                matching = [i for i, answer in enumerate(summary.sample_answers) if answer == summary.answer]
+                chosen = max(matching, key=lambda i: summary.sample_logprobs[i])
+            sequence = sequences[chosen]
+            reasoning = str(self.tokenizer.decode(sequence.reasoning_ids, skip_special_tokens=True))
+            answer = str(self.tokenizer.decode(sequence.answer_ids, skip_special_tokens=True))
+            completions.append(
+                Completion(
+                    outcome=summary,
+                    text=f"{reasoning}{cue}{answer}",
+                    prompt_tokens=len(prompt),
+                    forced=not summary.natural_stop,
+                )
+            )
+        return completions
+
+    @torch.no_grad()
+    def generate_plain(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        n: int = 1,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: list[str] | None = None,
+    ) -> list[PlainCompletion]:
+        """Plain generation, as any completions server does: no cue, no forcing.
+
+        Greedy at temperature 0, otherwise ``n`` samples seeded by ``seed``. A stop
+        string cuts the text before it (finish reason ``stop``).
+        """
+        if max_tokens < 1:
+            return [PlainCompletion("", [], [], "length") for _ in range(n)]
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        sampling = temperature > 0
+        generator_kwargs: dict[str, object] = {"do_sample": sampling, "num_return_sequences": n}
+        if sampling:
+            generator_kwargs["temperature"] = temperature
+            torch.manual_seed(seed)
+        elif n > 1:
+            raise ValueError(f"n={n} needs temperature > 0 (greedy decoding returns one sequence)")
+        output = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_tokens,
+            pad_token_id=self.settings.pad_id,
+            eos_token_id=sorted(self.settings.eos_ids),
+            return_dict_in_generate=True,
+            output_logits=True,
+            top_k=0 if sampling else None,
+            top_p=1.0 if sampling else None,
+            **generator_kwargs,
+        )
+        generated = output.sequences[:, len(prompt) :]
+        logprobs = torch.stack(output.logits, dim=1).float().log_softmax(-1)
+        results = []
+        for row in range(generated.shape[0]):
+            ids: list[int] = []
+            values: list[float] = []
+            finish = "length"
+            for step, token in enumerate(generated[row].tolist()):
+                if token in self.settings.eos_ids:
+                    finish = "stop"
+                    break
+                ids.append(int(token))
+                values.append(float(logprobs[row, step, token]))
+            text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+            for marker in stop or []:
+                cut = text.find(marker) if marker else -1
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    kept = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+                    ids, values = ids[:kept], values[:kept]
+            results.append(PlainCompletion(text=text, token_ids=ids, token_logprobs=values, finish_reason=finish))
+        return results

@@ -1,0 +1,777 @@
+"""The OpenAI-compatible server: the policy sets each request's budget and mode.
+
+``create_app(config)`` builds a FastAPI app with
+
+- ``POST /v1/completions`` and ``POST /v1/chat/completions`` (OpenAI request and
+  response shapes, ``usage`` included, ``stream: true`` as server-sent events);
+- ``POST /v1/feedback`` (``{"id": ..., "correct": true}`` or ``{"id": ..., "gold": ...}``);
+- ``GET /metrics`` (Prometheus), ``GET /healthz``, ``GET /readyz``;
+- ``POST /admin/reload`` (and SIGHUP) to reload the policies without dropping requests.
+
+Every response says what was decided in a ``tokenopt`` field and in the
+``X-Tokenopt-Decision`` header; every decided request is appended to the decision log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tokenopt.runtime import BudgetPolicy, PolicyLoadError
+from tokenopt.serve.backends import BackendError, Generation, UpstreamError
+from tokenopt.serve.log import DecisionLog, DecisionRecord
+from tokenopt.serve.metrics import ServeMetrics
+
+__all__ = ["RequestError", "ServeConfig", "ServerState", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``tokenopt serve``."""
+
+    policy: Path
+    """Policy folder of arm A (``runs/<run>/policy``)."""
+    policy_b: Path | None = None
+    """Policy folder of arm B, for an A/B test."""
+    split: float = 0.5
+    """Share of users sent to arm B."""
+    model: str | None = None
+    """Local causal-LM folder; with neither this nor ``upstream``, the demo LM."""
+    upstream: str | None = None
+    """Base URL of an OpenAI-compatible server to forward to."""
+    upstream_model: str = "default"
+    """Model name sent to the upstream."""
+    upstream_api_key: str | None = None
+    """Bearer token for the upstream."""
+    host: str = "127.0.0.1"
+    """Interface to bind; a non-loopback bind needs an API key or ``insecure``."""
+    port: int = 8000
+    """Port to bind."""
+    api_key: str | None = None
+    """Bearer token clients must send (compared in constant time)."""
+    insecure: bool = False
+    """Allow a non-loopback bind without an API key."""
+    log: Path = Path("runs/serve/decisions.sqlite")
+    """Decision log (SQLite, WAL)."""
+    log_prompts: bool = False
+    """Also store prompt texts in the log (off: features only)."""
+    explore: float = 0.0
+    """Share of requests served a uniformly random action (logged with its propensity)."""
+    seed: int = 0
+    """Seed of exploration."""
+    max_concurrency: int = 64
+    """Requests processed at once."""
+    max_queue: int = 256
+    """Requests waiting beyond ``max_concurrency``; past it, 429 with Retry-After."""
+    timeout: float = 60.0
+    """Seconds before a request gets 504."""
+    max_prompt_chars: int = 32_000
+    """Longest prompt accepted (413 past it)."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (413 past it)."""
+    max_batch: int = 32
+    """Requests the local LM decodes together."""
+    batch_wait_ms: float = 2.0
+    """How long the local LM waits for requests to join a batch."""
+    default_max_tokens: int = 64
+    """``max_tokens`` of a bypassed request that does not set it."""
+    device: str = "auto"
+    """Device of the local LM."""
+    dtype: str = "auto"
+    """Dtype of the local LM."""
+    prompt_template: str = "{question}"
+    """Prompt template of the local LM."""
+    answer_cue: str = "="
+    """The cue that forces an answer."""
+    answer_regex: str | None = None
+    """Regex reading the answer after the cue."""
+    max_answer_tokens: int = 8
+    """Most tokens an answer may have."""
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template."""
+    temperature: float = 1.0
+    """Sampling temperature of ``sc<k>``."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.split <= 1.0, f"split must be in [0, 1]; got {self.split}"),
+            (0.0 <= self.explore <= 1.0, f"explore must be in [0, 1]; got {self.explore}"),
+            (self.max_concurrency >= 1, f"max_concurrency must be >= 1; got {self.max_concurrency}"),
+            (self.max_queue >= 0, f"max_queue must be >= 0; got {self.max_queue}"),
+            (self.timeout > 0, f"timeout must be > 0 seconds; got {self.timeout}"),
+            (1 <= self.port <= 65535 or self.port == 0, f"port must be in [1, 65535]; got {self.port}"),
+            (not (self.model and self.upstream), "give --model or --upstream, not both"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.host not in LOOPBACK_HOSTS and not self.api_key and not self.insecure:
+            raise ValueError(
+                f"refusing to bind {self.host} without an API key: set --api-key (or TOKENOPT_API_KEY), "
+                "or pass --insecure to serve an open endpoint"
+            )
+
+
+class RequestError(Exception):
+    """A request the server answers with a 4xx or 5xx and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+@dataclass
+class Arm:
+    """One policy being served (A, or B in an A/B test)."""
+
+    name: str
+    path: Path
+    policy: BudgetPolicy
+    rng: np.random.Generator
+
+    def describe(self) -> dict[str, object]:
+        """What a reader of the decision log needs to interpret this arm's rows."""
+        return {
+            "policy_id": self.policy.policy_id,
+            "path": str(self.path),
+            "actions": [str(a["name"]) for a in self.policy.actions],
+            "feature_spec": self.policy.spec.get("feature_spec"),
+            "extra_inputs": self.policy.extra_inputs,
+        }
+
+
+def _load_policy(path: Path) -> BudgetPolicy:
+    policy = BudgetPolicy.load(path)
+    if policy.extra_inputs:
+        raise PolicyLoadError(
+            f"{path}: this policy needs the inputs {policy.extra_inputs} besides the prompt "
+            f"({policy.spec.get('env_id')}); the server serves prompt-only policies (TokenBudget-v0)"
+        )
+    return policy
+
+
+@dataclass
+class ParsedRequest:
+    """The fields of a completions request the server acts on."""
+
+    endpoint: str
+    model: str
+    prompt: str
+    """The text the policy reads (the prompt, or the last user message)."""
+    raw_prompt: str
+    """What a bypassed request sends to the LM as is."""
+    max_tokens: int | None
+    n: int
+    temperature: float | None
+    stream: bool
+    include_usage: bool
+    user: str | None
+    seed: int | None
+    stop: list[str]
+    bypass: bool
+
+
+def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds:
+        raise RequestError(422, f"`{name}` must be {' or '.join(k.__name__ for k in kinds)}; got a boolean", name)
+    if not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise RequestError(422, f"`{name}` must be {expected}; got {type(value).__name__}", name)
+    return value
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(422, "message content parts must be {'type': 'text', 'text': str}", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(422, "message content must be a string or a list of text parts", "messages")
+
+
+def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: bool) -> ParsedRequest:
+    """Validate a request body; raise :class:`RequestError` (422, 413) naming the bad field."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the request body must be a JSON object; got {type(body).__name__}")
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError(422, "`prompt` must be a string (or a list of one string)", "prompt")
+        question = raw = prompt
+    else:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError(422, "`messages` must be a non-empty list of {role, content}", "messages")
+        texts = []
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise RequestError(422, "each message must be an object with a string `role`", "messages")
+            texts.append((message["role"], _message_text(message.get("content", ""))))
+        users = [text for role, text in texts if role == "user"]
+        if not users:
+            raise RequestError(422, "`messages` has no user message", "messages")
+        question = users[-1]
+        raw = "\n".join(text for _, text in texts)
+    if len(question) > config.max_prompt_chars or len(raw) > config.max_prompt_chars:
+        raise RequestError(
+            413, f"the prompt has {len(raw)} characters; this server accepts up to {config.max_prompt_chars}"
+        )
+    max_tokens = _field(body, "max_tokens", (int,))
+    if endpoint == "chat.completions":
+        max_tokens = _field(body, "max_completion_tokens", (int,), max_tokens)
+    if max_tokens is not None and not 1 <= max_tokens <= 1_000_000:
+        raise RequestError(422, f"`max_tokens` must be in [1, 1000000]; got {max_tokens}", "max_tokens")
+    n = _field(body, "n", (int,), 1)
+    if n != 1:
+        raise RequestError(422, f"`n` must be 1 (the policy picks the decoding mode); got {n}", "n")
+    temperature = _field(body, "temperature", (int, float))
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise RequestError(422, f"`temperature` must be in [0, 2]; got {temperature}", "temperature")
+    stream = _field(body, "stream", (bool,), False)
+    options = _field(body, "stream_options", (dict,), {})
+    seed = _field(body, "seed", (int,))
+    user = _field(body, "user", (str,))
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        stops = list(stop)
+    else:
+        raise RequestError(422, "`stop` must be a string or a list of up to 4 strings", "stop")
+    extension = _field(body, "tokenopt", (dict,), {})
+    bypass = extension.get("bypass", False)
+    if not isinstance(bypass, bool):
+        raise RequestError(422, "`tokenopt.bypass` must be a boolean", "tokenopt")
+    return ParsedRequest(
+        endpoint=endpoint,
+        model=str(body.get("model") or ""),
+        prompt=question,
+        raw_prompt=raw,
+        max_tokens=max_tokens,
+        n=n,
+        temperature=None if temperature is None else float(temperature),
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+        user=user,
+        seed=seed,
+        stop=stops,
+        bypass=bypass or bypass_header,
+    )
+
+
+def _stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on the key (the same in every process)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass
+class ServerState:
+    """What the running server holds: arms, backend, log, metrics, admission counters."""
+
+    config: ServeConfig
+    backend: Any
+    arms: dict[str, Arm] = field(default_factory=dict)
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    log: DecisionLog | None = None
+    admitted: int = 0
+    ready: bool = False
+    semaphore: asyncio.Semaphore | None = None
+
+    def load_arms(self) -> dict[str, Arm]:
+        """Load every arm's policy; raises :class:`PolicyLoadError` naming the file."""
+        paths = {"A": self.config.policy}
+        if self.config.policy_b is not None:
+            paths["B"] = self.config.policy_b
+        arms = {}
+        for index, (name, path) in enumerate(paths.items()):
+            arms[name] = Arm(
+                name, Path(path), _load_policy(Path(path)), np.random.default_rng([self.config.seed, index])
+            )
+        if len(arms) == 2:
+            actions = [arm.describe()["actions"] for arm in arms.values()]
+            if actions[0] != actions[1]:
+                logger.warning("arms A and B have different action tables; the A/B report compares them as served")
+        return arms
+
+    def reload(self) -> dict[str, str]:
+        """Swap in freshly loaded policies; requests in flight finish with the old ones."""
+        try:
+            arms = self.load_arms()
+        except PolicyLoadError:
+            self.metrics.reloads.labels(result="failed").inc()
+            raise
+        self.arms = arms
+        if self.log is not None:
+            for arm in arms.values():
+                self.log.describe_arm(arm.name, arm.describe())
+        self.metrics.reloads.labels(result="ok").inc()
+        return {name: arm.policy.policy_id for name, arm in arms.items()}
+
+    def arm_for(self, user_key: str) -> Arm:
+        """Arm A or B by a stable hash of the user key (one user stays in one arm)."""
+        if "B" in self.arms and _stable_fraction(user_key) < self.config.split:
+            return self.arms["B"]
+        return self.arms["A"]
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    kinds.update({413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"})
+    return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": param, "code": status}}
+
+
+def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
+    """Build the FastAPI app (uvicorn runs it; tests run it on loopback too).
+
+    Args:
+        config: the server's settings.
+        backend: the generation backend; None builds it from the config (the local
+            LM or the upstream).
+
+    Raises:
+        PolicyLoadError: a policy fails its hash or version check.
+    """
+    state = ServerState(config=config, backend=backend or build_backend(config))
+    state.arms = state.load_arms()
+    state.log = DecisionLog(config.log, {name: arm.describe() for name, arm in state.arms.items()})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        state.semaphore = asyncio.Semaphore(config.max_concurrency)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, _reload_on_signal)  # main thread only
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            closer = getattr(state.backend, "aclose", None)
+            if closer is not None:
+                await closer()
+            elif hasattr(state.backend, "close"):
+                state.backend.close()
+            if state.log is not None:
+                state.log.close()
+
+    def _reload_on_signal() -> None:
+        try:
+            ids = state.reload()
+            logger.warning("SIGHUP: policies reloaded: %s", ids)
+        except PolicyLoadError as error:
+            logger.error("SIGHUP: reload failed, still serving the previous policies: %s", error)
+
+    app = FastAPI(title="tokenopt", lifespan=lifespan)
+    app.state.tokenopt = state
+
+    def error_response(error: RequestError) -> JSONResponse:
+        state.metrics.errors.labels(kind=str(error.status)).inc()
+        return JSONResponse(_error_body(error.status, error.message, error.param), error.status, headers=error.headers)
+
+    def check_key(request: Request) -> None:
+        if not config.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode("utf-8"), config.api_key.encode("utf-8")):
+            raise RequestError(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise RequestError(413, f"the body has {declared} bytes; this server accepts up to {config.max_body_bytes}")
+        raw = await request.body()
+        if len(raw) > config.max_body_bytes:
+            raise RequestError(413, f"the body has {len(raw)} bytes; this server accepts up to {config.max_body_bytes}")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(400, f"the body is not valid JSON: {error}") from None
+
+    async def completions(request: Request, endpoint: str) -> Response:
+        started = time.perf_counter()
+        try:
+            check_key(request)
+            body = await read_json(request)
+            bypass_header = request.headers.get("x-tokenopt-bypass", "").lower() in {"1", "true", "yes"}
+            parsed = parse_request(body, endpoint, config, bypass_header)
+        except RequestError as error:
+            state.metrics.requests.labels(arm="none", endpoint=endpoint, status=str(error.status)).inc()
+            return error_response(error)
+        if state.admitted >= config.max_concurrency + config.max_queue:
+            state.metrics.requests.labels(arm="none", endpoint=endpoint, status="429").inc()
+            return error_response(
+                RequestError(429, "the server is at capacity; retry after a second", headers={"Retry-After": "1"})
+            )
+        state.admitted += 1
+        state.metrics.in_flight.inc()
+        request_id = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        user_key = request.headers.get("x-tokenopt-user") or parsed.user or request_id
+        arm = state.arm_for(user_key)
+        holder: dict[str, Any] = {}
+        try:
+            assert state.semaphore is not None
+            semaphore = state.semaphore
+
+            async def admitted() -> tuple[Generation, DecisionRecord]:
+                async with semaphore:
+                    return await serve_one(parsed, arm, request_id, user_key, holder)
+
+            try:
+                result = await asyncio.wait_for(admitted(), config.timeout)
+            except asyncio.TimeoutError:
+                raise RequestError(
+                    504, f"the request took longer than the server's timeout of {config.timeout} s"
+                ) from None
+        except RequestError as error:
+            state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status=str(error.status)).inc()
+            if "record" in holder:
+                record = holder["record"]
+                record.status, record.latency_ms = error.status, (time.perf_counter() - started) * 1000.0
+                state.log.append(record)  # type: ignore[union-attr]
+            return error_response(error)
+        finally:
+            state.admitted -= 1
+            state.metrics.in_flight.dec()
+        generation, record = result
+        elapsed = time.perf_counter() - started
+        record.latency_ms = elapsed * 1000.0
+        await asyncio.to_thread(state.log.append, record)  # type: ignore[union-attr]
+        state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status="200").inc()
+        state.metrics.latency.labels(arm=arm.name, endpoint=endpoint).observe(elapsed)
+        state.metrics.tokens.labels(arm=arm.name, kind="reasoning").inc(generation.reasoning_tokens)
+        state.metrics.tokens.labels(arm=arm.name, kind="answer").inc(generation.answer_tokens)
+        budget_label = "bypass" if record.bypass else str(record.budget)  # client max_tokens: unbounded values
+        state.metrics.decisions.labels(arm=arm.name, budget=budget_label, mode=record.mode).inc()
+        decision = {
+            "policy_id": record.policy_id,
+            "arm": arm.name,
+            "action": record.action,
+            "budget": record.budget,
+            "mode": record.mode,
+            "bypass": record.bypass,
+            "explored": record.propensity < 1.0,
+            "forced": generation.forced,
+            "billed_tokens": generation.billed_tokens,
+            "answer": generation.answer,
+        }
+        headers = {
+            "X-Request-Id": request_id,
+            "X-Tokenopt-Decision": f"arm={arm.name}; policy={record.policy_id}; action={record.action}; "
+            f"budget={record.budget}; mode={record.mode}",
+        }
+        usage = {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.billed_tokens,
+            "total_tokens": generation.prompt_tokens + generation.billed_tokens,
+        }
+        model_name = parsed.model or str(state.backend.name)
+        created = int(time.time())
+        if parsed.stream:
+            return StreamingResponse(
+                _stream(endpoint, request_id, created, model_name, generation, usage, decision, parsed.include_usage),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        if endpoint == "completions":
+            choice: dict[str, Any] = {"index": 0, "text": generation.text, "logprobs": None}
+            kind = "text_completion"
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": generation.text}, "logprobs": None}
+            kind = "chat.completion"
+        choice["finish_reason"] = generation.finish_reason
+        payload = {
+            "id": request_id,
+            "object": kind,
+            "created": created,
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage,
+            "tokenopt": decision,
+        }
+        return JSONResponse(payload, headers=headers)
+
+    async def serve_one(
+        parsed: ParsedRequest, arm: Arm, request_id: str, user_key: str, holder: dict[str, Any]
+    ) -> tuple[Generation, DecisionRecord]:
+        policy = arm.policy
+        tick = time.perf_counter()
+        features = policy.features(parsed.prompt).astype(np.float32)
+        seed = parsed.seed if parsed.seed is not None else int(_stable_fraction(request_id) * 2**31)
+        record = DecisionRecord(
+            id=request_id,
+            arm=arm.name,
+            policy_id=policy.policy_id,
+            endpoint=parsed.endpoint,
+            bypass=parsed.bypass,
+            action="bypass",
+            action_index=-1,
+            budget=0,
+            mode="greedy",
+            propensity=1.0,
+            features=features.tobytes(),
+            user_key=hashlib.sha256(user_key.encode("utf-8")).hexdigest()[:16],
+            prompt=parsed.raw_prompt if config.log_prompts else None,
+            created=time.time(),
+        )
+        holder["record"] = record
+        if parsed.bypass:
+            return await serve_plain(parsed, record, seed)
+        probabilities = policy.probabilities(features[None, :].astype(np.float64))[0]
+        greedy_index = int(np.argmax(probabilities))
+        index = greedy_index
+        if config.explore > 0 and arm.rng.random() < config.explore:
+            index = int(arm.rng.integers(len(policy.actions)))
+        share = config.explore / len(policy.actions)
+        record.propensity = (1.0 - config.explore) * float(index == greedy_index) + share
+        record.policy_ms = (time.perf_counter() - tick) * 1000.0
+        state.metrics.policy_latency.labels(arm=arm.name).observe(record.policy_ms / 1000.0)
+        action = policy.actions[index]
+        budget, mode = int(action["budget"]), str(action["mode"])  # type: ignore[call-overload]
+        answer_cap = None
+        room = int(state.backend.answer_room)
+        if parsed.max_tokens is not None and parsed.max_tokens < budget + room:
+            cue = room - int(getattr(state.backend, "max_answer_tokens", room - 1))
+            if parsed.max_tokens <= cue:
+                raise RequestError(
+                    422,
+                    f"`max_tokens` {parsed.max_tokens} leaves no room for the answer cue and an answer "
+                    f"(at least {cue + 1}); raise it, or set tokenopt.bypass for plain generation",
+                    "max_tokens",
+                )
+            budget = max(0, parsed.max_tokens - room)
+            answer_cap = parsed.max_tokens - budget - cue
+        record.action, record.action_index, record.budget, record.mode = str(action["name"]), index, budget, mode
+        try:
+            generation = await state.backend.generate(parsed.prompt, budget, mode, seed=seed, answer_cap=answer_cap)
+        except ValueError as error:
+            raise RequestError(413 if "context" in str(error) else 422, str(error)) from None
+        except UpstreamError as error:
+            raise RequestError(502, str(error)) from None
+        except BackendError as error:
+            raise RequestError(500, str(error)) from None
+        record.mode = generation.mode
+        _fill(record, generation)
+        return generation, record
+
+    async def serve_plain(
+        parsed: ParsedRequest, record: DecisionRecord, seed: int
+    ) -> tuple[Generation, DecisionRecord]:
+        max_tokens = parsed.max_tokens or config.default_max_tokens
+        temperature = 0.0 if parsed.temperature is None else parsed.temperature
+        record.policy_id, record.budget = "bypass", max_tokens
+        try:
+            results = await state.backend.generate_plain(
+                parsed.raw_prompt, max_tokens, 1, temperature, seed, parsed.stop
+            )
+        except ValueError as error:
+            raise RequestError(413 if "context" in str(error) else 422, str(error)) from None
+        except UpstreamError as error:
+            raise RequestError(502, str(error)) from None
+        except BackendError as error:
+            raise RequestError(500, str(error)) from None
+        prompt_tokens, result = results[0]
+        cue = str(getattr(state.backend, "answer_cue", "="))
+        answer = result.text[result.text.find(cue) + len(cue) :].split("\n")[0].strip() if cue in result.text else ""
+        generation = Generation(
+            text=result.text,
+            answer=answer,
+            prompt_tokens=prompt_tokens,
+            reasoning_tokens=len(result.token_ids),
+            answer_tokens=0,
+            billed_tokens=len(result.token_ids),
+            forced=False,
+            finish_reason=result.finish_reason,
+            mode="greedy" if temperature == 0 else f"sample@{temperature:g}",
+            pieces=[result.text],
+        )
+        record.mode = "greedy" if temperature == 0 else "sample"
+        _fill(record, generation)
+        return generation, record
+
+    @app.post("/v1/completions")
+    async def post_completions(request: Request) -> Response:
+        return await completions(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def post_chat_completions(request: Request) -> Response:
+        return await completions(request, "chat.completions")
+
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request) -> Response:
+        try:
+            check_key(request)
+            body = await read_json(request)
+            if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+                raise RequestError(422, "feedback needs a string `id` (the response's id)", "id")
+            correct, gold = body.get("correct"), body.get("gold")
+            if correct is not None and not isinstance(correct, bool):
+                raise RequestError(422, "`correct` must be a boolean", "correct")
+            if gold is not None and not isinstance(gold, str):
+                raise RequestError(422, "`gold` must be a string", "gold")
+            if correct is None and gold is None:
+                raise RequestError(422, "feedback needs `correct` (boolean) or `gold` (the right answer)")
+            assert state.log is not None
+            attached = await asyncio.to_thread(state.log.attach_feedback, body["id"], correct, gold)
+            if attached is None:
+                raise RequestError(404, f"no logged request has id {body['id']!r}", "id")
+        except RequestError as error:
+            return error_response(error)
+        arm_name, is_correct = attached
+        state.metrics.record_feedback(arm_name, is_correct)
+        return JSONResponse({"id": body["id"], "arm": arm_name, "correct": is_correct})
+
+    @app.get("/metrics")
+    async def get_metrics(request: Request) -> Response:
+        try:
+            check_key(request)
+        except RequestError as error:
+            return error_response(error)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def get_healthz() -> Response:
+        return PlainTextResponse("ok")
+
+    @app.get("/readyz")
+    async def get_readyz() -> Response:
+        policies = {name: arm.policy.policy_id for name, arm in state.arms.items()}
+        status = 200 if state.ready else 503
+        return JSONResponse({"ready": state.ready, "policies": policies, "backend": str(state.backend.name)}, status)
+
+    @app.post("/admin/reload")
+    async def post_reload(request: Request) -> Response:
+        try:
+            check_key(request)
+            try:
+                policies = await asyncio.to_thread(state.reload)
+            except PolicyLoadError as error:
+                raise RequestError(409, f"reload failed; still serving the previous policies: {error}") from None
+        except RequestError as error:
+            return error_response(error)
+        return JSONResponse({"reloaded": True, "policies": policies})
+
+    return app
+
+
+def _fill(record: DecisionRecord, generation: Generation) -> None:
+    record.prompt_tokens = generation.prompt_tokens
+    record.reasoning_tokens = generation.reasoning_tokens
+    record.answer_tokens = generation.answer_tokens
+    record.billed_tokens = generation.billed_tokens
+    record.forced = generation.forced
+    record.answer = generation.answer
+
+
+async def _stream(
+    endpoint: str,
+    request_id: str,
+    created: int,
+    model: str,
+    generation: Generation,
+    usage: dict[str, int],
+    decision: dict[str, Any],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, one chunk per token of the text."""
+    kind = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
+
+    def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
+        if endpoint == "completions":
+            choice: dict[str, Any] = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        else:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if piece:
+                delta["content"] = piece
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        payload = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk(None, None, first=True)
+    for piece in generation.pieces:
+        yield chunk(piece, None)
+    final = json.loads(chunk(None, generation.finish_reason)[6:])
+    final["tokenopt"] = decision
+    yield f"data: {json.dumps(final)}\n\n"
+    if include_usage:
+        tail = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage}
+        yield f"data: {json.dumps(tail)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def build_backend(config: ServeConfig) -> Any:
+    """The backend a config asks for: the upstream, a local LM folder, or the demo LM."""
+    from tokenopt.serve.backends import LocalBackend, UpstreamBackend
+
+    if config.upstream:
+        from tokenopt.lm.backend import PromptFormat
+
+        regex = PromptFormat(answer_cue=config.answer_cue, answer_regex=config.answer_regex).answer_regex
+        extractor = None
+        if regex:
+            import re
+
+            pattern = re.compile(regex)
+
+            def extractor(text: str) -> str:
+                match = pattern.search(text)
+                return "" if match is None else (match.group(1) if match.groups() else match.group(0)).strip()
+
+        return UpstreamBackend(
+            config.upstream,
+            model=config.upstream_model,
+            answer_cue=config.answer_cue,
+            max_answer_tokens=config.max_answer_tokens,
+            answer_extractor=extractor,
+            api_key=config.upstream_api_key,
+            timeout=config.timeout,
+            temperature=config.temperature,
+        )
+    from tokenopt.lm.backend import PromptFormat, TransformersLM
+
+    prompt_format = PromptFormat(
+        template=config.prompt_template,
+        answer_cue=config.answer_cue,
+        answer_regex=config.answer_regex,
+        max_answer_tokens=config.max_answer_tokens,
+        use_chat_template=config.chat_template,
+    )
+    lm = TransformersLM(config.model, device=config.device, dtype=config.dtype, prompt_format=prompt_format)
+    return LocalBackend(lm, max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms)
