@@ -623,5 +623,91 @@ def ab_report_command(
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_output else format_ab_report(report))
 
 
+@app.command("serve")
+def serve_command(
+    policy: Annotated[Path, typer.Option(help="Policy folder (runs/<run>/policy) of arm A.")],
+    model: Annotated[
+        str | None, typer.Option(help="Local causal-LM folder to serve. Default (no --upstream): the demo LM.")
+    ] = None,
+    upstream: Annotated[
+        str | None, typer.Option(help="Base URL of an OpenAI-compatible server to proxy (vLLM, TGI, llama.cpp).")
+    ] = None,
+    upstream_model: Annotated[str, typer.Option(help="Model name sent to the upstream.")] = "default",
+    upstream_api_key: Annotated[
+        str | None, typer.Option(envvar="TOKENOPT_UPSTREAM_API_KEY", help="Bearer token for the upstream.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="TOKENOPT_API_KEY", help="Bearer token clients must send.")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback bind without an API key.")] = False,
+    policy_b: Annotated[Path | None, typer.Option(help="Policy folder of arm B (A/B test).")] = None,
+    split: Annotated[float, typer.Option(help="Share of users sent to arm B, in [0, 1].")] = 0.5,
+    log: Annotated[Path, typer.Option(help="Decision log (SQLite, WAL).")] = Path("runs/serve/decisions.sqlite"),
+    log_prompts: Annotated[bool, typer.Option(help="Also store prompt texts in the decision log.")] = False,
+    explore: Annotated[
+        float, typer.Option(help="Share of requests served a random action, logged with its propensity, in [0, 1].")
+    ] = 0.0,
+    max_concurrency: Annotated[int, typer.Option(help="Requests processed at once.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; past it, 429.")] = 256,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request gets 504.")] = 60.0,
+    max_prompt_chars: Annotated[int, typer.Option(help="Longest prompt accepted (413 past it).")] = 32_000,
+    max_batch: Annotated[int, typer.Option(help="Requests the local LM decodes together.")] = 32,
+    device: Annotated[str, typer.Option(help="Device of the local LM: auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Dtype of the local LM: auto, float32, float16, bfloat16.")] = "auto",
+    prompt_template: Annotated[str, typer.Option(help="Prompt template with a {question} placeholder.")] = "{question}",
+    answer_cue: Annotated[str, typer.Option(help="Cue appended when the budget runs out (budget forcing).")] = "=",
+    answer_regex: Annotated[str | None, typer.Option(help="Regex that reads the answer after the cue.")] = None,
+    max_answer_tokens: Annotated[int, typer.Option(help="Most tokens an answer may have.")] = 8,
+    chat_template: Annotated[bool, typer.Option(help="Wrap prompts in the tokenizer's chat template.")] = False,
+) -> None:
+    """Serve the policy behind OpenAI-compatible endpoints (needs `pip install tokenopt[serve]`)."""
+    try:
+        import uvicorn
+
+        from tokenopt.serve import ServeConfig, create_app
+    except ImportError as error:
+        _fail(ImportError(f"{error}: the server needs the serve extra: pip install 'tokenopt[serve]'"))
+        return
+    from tokenopt.runtime import PolicyLoadError
+
+    try:
+        config = ServeConfig(
+            policy=policy,
+            policy_b=policy_b,
+            split=split,
+            model=model,
+            upstream=upstream,
+            upstream_model=upstream_model,
+            upstream_api_key=upstream_api_key,
+            host=host,
+            port=port,
+            api_key=api_key,
+            insecure=insecure,
+            log=log,
+            log_prompts=log_prompts,
+            explore=explore,
+            max_concurrency=max_concurrency,
+            max_queue=max_queue,
+            timeout=timeout,
+            max_prompt_chars=max_prompt_chars,
+            max_batch=max_batch,
+            device=device,
+            dtype=dtype,
+            prompt_template=prompt_template,
+            answer_cue=answer_cue,
+            answer_regex=answer_regex,
+            max_answer_tokens=max_answer_tokens,
+            chat_template=chat_template,
+        )
+        application = create_app(config)
+    except (ValueError, FileNotFoundError, PolicyLoadError) as error:
+        _fail(error)
+        return
+    arms = ", ".join(f"{name}={arm.policy.policy_id}" for name, arm in application.state.tokenopt.arms.items())
+    console.print(f"serving {arms} on http://{host}:{port}/v1 (decision log {log}); SIGHUP reloads the policies")
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
 if __name__ == "__main__":  # pragma: no cover
     app()
