@@ -273,7 +273,11 @@ class UpstreamBackend:
         self.answer_extractor = answer_extractor or (lambda text: text.strip())
         self.retries = retries
         self.temperature = temperature
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Another tokenopt server upstream serves these requests as plain completions;
+        # other servers ignore the header.
+        headers = {"X-Tokenopt-Bypass": "1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         self.client = client or httpx.AsyncClient(timeout=timeout, headers=headers)
         self.answer_room = max_answer_tokens + 1
 
