@@ -65,6 +65,7 @@ def export_policy(
     metadata: dict[str, object] | None = None,
     member_normalization: list[tuple[np.ndarray, np.ndarray]] | None = None,
     obs_count: float | None = None,
+    probe: dict[str, object] | None = None,
 ) -> Path:
     """Write ``policy.json`` and ``policy.npz`` for one agent or an ensemble.
 
@@ -88,6 +89,9 @@ def export_policy(
             uses ``obs_mean``/``obs_var`` (written as format version 1).
         obs_count: observations behind the statistics (VecNormalize's ``obs_rms.count``),
             recorded so a warm start can resume the running statistics.
+        probe: a probe controller's settings (``mode``, ``checkpoints``,
+            ``probe_token_price``), which its runtime session needs to build the
+            environment's observation; None for other policies.
 
     Returns:
         The policy folder.
@@ -142,6 +146,7 @@ def export_policy(
         "extra_inputs": extra_inputs or [],
         "normalization": {"clip": clip, "epsilon": epsilon} | ({"count": obs_count} if obs_count is not None else {}),
         "members": member_specs,
+        **({"probe": probe} if probe is not None else {}),
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "metadata": metadata or {},
     }

@@ -15,15 +15,10 @@ from tokenopt.agents.export import export_policy
 from tokenopt.agents.gate import policy_choices, query_questions
 from tokenopt.cost import CostModel
 from tokenopt.outcomes import OutcomeMatrix, load_manifest
+from tokenopt.runtime import PROBE_INPUTS
 
-_EXTRA_INPUTS = {
-    "stream": ["budget_left_fraction", "queries_left_fraction"],
-    "probe": [
-        "tokens_spent_fraction", "checkpoint_fraction", "probe_logprob", "agrees_with_last", "last_three_agree",
-        "answer_changes_fraction", "stopped_by_itself",
-    ],
-}  # fmt: skip
-"""Inputs after the prompt features, per environment (the probe's are tokenopt.envs.probe.PROBE_INPUTS)."""
+_EXTRA_INPUTS = {"stream": ["budget_left_fraction", "queries_left_fraction"], "probe": PROBE_INPUTS}
+"""Inputs after the prompt features, per environment."""
 
 __all__ = [
     "EvaluationRow",
@@ -82,15 +77,29 @@ def _load_run(run_dir: str | Path) -> _LoadedRun:
 def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
     """The keyword arguments of :func:`export_policy` that come from a run's settings."""
     settings: dict[str, Any] = run.manifest["settings"]
+    env = str(run.config.get("env", "budget"))
     return {
         "actions": list(run.manifest["actions"]),
         "feature_spec": run.manifest["feature_spec"],
         "clip": float(run.normalizer.clip_obs),
         "epsilon": float(run.normalizer.epsilon),
         "answer_tokens": int(settings.get("max_answer_tokens", 8)) + 1,
-        "extra_inputs": _EXTRA_INPUTS.get(str(run.config.get("env", "budget")), []),
+        "extra_inputs": _EXTRA_INPUTS.get(env, []),
         "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
+        "probe": _probe_settings(run.manifest) if env == "probe" else None,
     }
+
+
+def _probe_settings(manifest: dict[str, Any]) -> dict[str, object]:
+    """What a probe controller's runtime session needs to build its environment's observation.
+
+    ``train --env probe`` builds TokenBudgetProbe-v0 with its default mode and probe
+    price, so the checkpoints are that mode's budgets in the table's action table.
+    """
+    from tokenopt.envs.probe import DEFAULT_MODE, DEFAULT_PROBE_TOKEN_PRICE
+
+    checkpoints = sorted(int(action["budget"]) for action in manifest["actions"] if action["mode"] == DEFAULT_MODE)
+    return {"mode": DEFAULT_MODE, "checkpoints": checkpoints, "probe_token_price": DEFAULT_PROBE_TOKEN_PRICE}
 
 
 def export_run(run_dir: str | Path, onnx: bool = False) -> Path:
@@ -140,7 +149,7 @@ def export_ensemble(run_dirs: list[str | Path] | list[Path], out_dir: str | Path
     reference = _policy_settings(runs[0])
     for run in runs[1:]:
         settings = _policy_settings(run)
-        for key in ("feature_spec", "actions", "extra_inputs", "env_id", "clip", "epsilon"):
+        for key in ("feature_spec", "actions", "extra_inputs", "env_id", "probe", "clip", "epsilon"):
             if settings[key] != reference[key]:
                 raise ValueError(
                     f"cannot ensemble {run.run_dir} with {runs[0].run_dir}: their {key} differ "

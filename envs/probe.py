@@ -12,19 +12,15 @@ from gymnasium import spaces
 from tokenopt.cost import CostModel
 from tokenopt.data import SPLITS
 from tokenopt.outcomes import OutcomeMatrix, ReplayTable
+from tokenopt.runtime import PROBE_INPUTS
 
-__all__ = ["PROBE_INPUTS", "TokenBudgetProbeEnv"]
+__all__ = ["DEFAULT_MODE", "DEFAULT_PROBE_TOKEN_PRICE", "PROBE_INPUTS", "TokenBudgetProbeEnv"]
 
-PROBE_INPUTS = [
-    "tokens_spent_fraction",
-    "checkpoint_fraction",
-    "probe_logprob",
-    "agrees_with_last",
-    "last_three_agree",
-    "answer_changes_fraction",
-    "stopped_by_itself",
-]
-"""What the probes said so far, appended to the prompt features (in this order)."""
+DEFAULT_MODE = "greedy"
+"""The mode reasoned in unless told otherwise (what ``tokenopt train --env probe`` trains)."""
+
+DEFAULT_PROBE_TOKEN_PRICE = 1.0
+"""Probe tokens cost what generated tokens cost unless told otherwise."""
 
 ANSWER, CONTINUE = 0, 1
 
@@ -85,10 +81,10 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         self,
         table: str | Path | None = None,
         split: str = "train",
-        mode: str = "greedy",
+        mode: str = DEFAULT_MODE,
         cost_weight: float = 0.01,
         token_price: float = 1.0,
-        probe_token_price: float = 1.0,
+        probe_token_price: float = DEFAULT_PROBE_TOKEN_PRICE,
         replay: ReplayTable | None = None,
     ) -> None:
         if (table is None) == (replay is None):

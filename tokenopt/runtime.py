@@ -9,6 +9,12 @@ ensemble was trained with its own VecNormalize statistics. Version-1 files (one
 normalisation shared by every member) still load. Loading never runs code from the
 artifact: the JSON is data, the weights are plain arrays, and their hash is checked
 before use.
+
+A policy trained on ``tokenopt/TokenBudgetProbe-v0`` (a probe controller) does not pick
+a (budget, mode): it watches one request's reasoning and, at each checkpoint, says
+answer or continue. :meth:`BudgetPolicy.start` opens a :class:`ProbeSession` for a
+request; the session builds the environment's observation from the probes the server
+reports, so the controller sees in production what it saw in training.
 """
 
 from __future__ import annotations
@@ -22,14 +28,43 @@ from pathlib import Path
 import numpy as np
 
 from tokenopt.features import FeatureSpec, PromptFeatures
+from tokenopt.metrics import normalize_answer
 
-__all__ = ["FORMAT_VERSION", "BudgetPolicy", "Decision", "PolicyLoadError"]
+__all__ = [
+    "ANSWER",
+    "CONTINUE",
+    "FORMAT_VERSION",
+    "PROBE_ENV_ID",
+    "PROBE_INPUTS",
+    "BudgetPolicy",
+    "Decision",
+    "PolicyLoadError",
+    "ProbeSession",
+    "ProbeSettings",
+]
 
 FORMAT_VERSION = 2
 """Newest version of the policy artifact this runtime reads (and writes, when a file needs it).
 
 Version 2 added per-member normalisation arrays; an export without them is written as
 version 1, so older runtimes still load single policies."""
+
+PROBE_ENV_ID = "tokenopt/TokenBudgetProbe-v0"
+"""The environment of probe controllers."""
+
+PROBE_INPUTS = [
+    "tokens_spent_fraction",
+    "checkpoint_fraction",
+    "probe_logprob",
+    "agrees_with_last",
+    "last_three_agree",
+    "answer_changes_fraction",
+    "stopped_by_itself",
+]
+"""What the probes said so far, appended to the prompt features (in this order)."""
+
+ANSWER, CONTINUE = "answer", "continue"
+"""A probe controller's two decisions (its outputs 0 and 1)."""
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
@@ -56,6 +91,52 @@ class Decision:
     """Budget plus room for the cue and the answer: the request's ``max_tokens``."""
     probabilities: np.ndarray
     """The policy's probability of every action of the table."""
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How a probe controller was trained to watch the reasoning (``policy.json``'s ``probe``)."""
+
+    mode: str
+    """The decoding mode the request reasons in."""
+    checkpoints: tuple[int, ...]
+    """Reasoning budgets at which the answer is probed: the mode's budgets, smallest first."""
+    probe_token_price: float
+    """Weight of a probe's cue and answer tokens against generated tokens in ``tokens_spent``."""
+
+    @property
+    def max_budget(self) -> int:
+        """The last checkpoint: the request answers there at the latest."""
+        return self.checkpoints[-1]
+
+
+def _probe_settings(spec: dict[str, object], actions: list[dict[str, object]]) -> ProbeSettings:
+    """Read and check a probe controller's ``probe`` settings against its action table.
+
+    Raises:
+        PolicyLoadError: the settings are missing (an export from before they were
+            recorded), malformed, or disagree with the action table.
+    """
+    raw = spec.get("probe")
+    if not isinstance(raw, dict):
+        raise PolicyLoadError(
+            f"this {PROBE_ENV_ID} controller has no probe settings (mode, checkpoints, probe token price), "
+            "which its session needs to compute its inputs as the environment did: it was exported by an older "
+            "tokenopt; export the run again with `tokenopt export RUN`"
+        )
+    mode, checkpoints, price = raw.get("mode"), raw.get("checkpoints"), raw.get("probe_token_price")
+    if not isinstance(checkpoints, list) or not all(isinstance(b, int) and b >= 0 for b in checkpoints):
+        raise PolicyLoadError(f"probe checkpoints must be a list of budgets (integers >= 0); got {checkpoints!r}")
+    if len(checkpoints) < 2 or sorted(set(checkpoints)) != checkpoints:
+        raise PolicyLoadError(f"probe checkpoints must be at least 2 increasing budgets; got {checkpoints}")
+    if not isinstance(price, int | float) or not np.isfinite(price) or price < 0:
+        raise PolicyLoadError(f"probe_token_price must be a finite number >= 0; got {price!r}")
+    budgets = sorted(int(a["budget"]) for a in actions if a["mode"] == mode)  # type: ignore[call-overload]
+    if budgets != checkpoints:
+        raise PolicyLoadError(
+            f"probe checkpoints {checkpoints} are not the budgets {budgets} of mode {mode!r} in the action table"
+        )
+    return ProbeSettings(str(mode), tuple(checkpoints), float(price))
 
 
 def _sha256(path: Path) -> str:
@@ -128,6 +209,15 @@ class BudgetPolicy:
             raise PolicyLoadError(
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
+        self.probe: ProbeSettings | None = None
+        """The probe settings of a probe controller; None for a policy that picks (budget, mode)."""
+        if spec.get("env_id") == PROBE_ENV_ID:
+            if self.extra_inputs != PROBE_INPUTS:
+                raise PolicyLoadError(f"a probe controller takes the inputs {PROBE_INPUTS}; got {self.extra_inputs}")
+            outputs = {layers[-1][0].shape[1] for layers in self.members}
+            if outputs != {2}:
+                raise PolicyLoadError(f"a probe controller has 2 outputs (answer, continue); got {sorted(outputs)}")
+            self.probe = _probe_settings(spec, self.actions)
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPolicy:
@@ -214,12 +304,14 @@ class BudgetPolicy:
 
         Raises:
             ValueError: the policy is a probe controller (its two outputs are answer or
-                continue at a checkpoint, not an action of the table), or needs extras.
+                continue at a checkpoint, not an action of the table: use :meth:`start`),
+                or needs extras.
         """
-        if self.spec.get("env_id") == "tokenopt/TokenBudgetProbe-v0":
+        if self.probe is not None:
             raise ValueError(
-                "this is a TokenBudgetProbe-v0 controller: it says answer or continue at each checkpoint from "
-                "the probes, and does not pick a (budget, mode); call probabilities() with the probe inputs"
+                f"this is a {PROBE_ENV_ID} controller: it says answer or continue at each checkpoint from "
+                "the probes, and does not pick a (budget, mode); call start(prompt) for a session and "
+                "report each probe to its observe()"
             )
         observations = self.features.batch(prompts).astype(np.float64)
         if self.extra_inputs:
@@ -231,3 +323,123 @@ class BudgetPolicy:
     def decide(self, prompt: str, extras: np.ndarray | None = None) -> Decision:
         """The decision for one prompt: its budget, mode and ``max_new_tokens``."""
         return self.decide_batch([prompt], None if extras is None else np.atleast_2d(extras))[0]
+
+    def start(self, prompt: str) -> ProbeSession:
+        """Open the answer-or-continue session of one request (probe controllers only).
+
+        Raises:
+            ValueError: the policy picks a (budget, mode) instead: call :meth:`decide`.
+        """
+        if self.probe is None:
+            raise ValueError(
+                f"start() is for {PROBE_ENV_ID} controllers (`tokenopt train --env probe`); this policy was "
+                f"trained on {self.spec.get('env_id')!r} and picks a (budget, mode): call decide(prompt)"
+            )
+        return ProbeSession(self, self.probe, self.features(prompt))
+
+
+class ProbeSession:
+    """One request watched by a probe controller: answer or continue at each checkpoint.
+
+    The server reasons in ``settings.mode`` up to ``next_budget`` reasoning tokens (or
+    until the LM stops by itself), probes the answer there (appends the answer cue and
+    reads the forced answer, which a server with prefix caching does without
+    recomputing the trace) and reports the probe with :meth:`observe`. On
+    ``"answer"`` it returns that probe's answer and the session is done; on
+    ``"continue"`` it reasons on to the new ``next_budget``. The controller's inputs
+    are built exactly as ``tokenopt/TokenBudgetProbe-v0`` builds its observation, and,
+    as there, a probe where the LM stopped by itself or the last checkpoint answers
+    without asking the controller.
+
+    Create it with :meth:`BudgetPolicy.start`.
+    """
+
+    def __init__(self, policy: BudgetPolicy, settings: ProbeSettings, features: np.ndarray) -> None:
+        self.policy = policy
+        self.settings = settings
+        self.checkpoints = settings.checkpoints
+        """Budgets of the checkpoints, smallest first."""
+        self.checkpoint = 0
+        """Index of the checkpoint to probe next; once done, of the one answered at."""
+        self.done = False
+        """Whether the session has answered."""
+        self.decision: str | None = None
+        """The last decision: ``"answer"`` or ``"continue"``; None before the first probe."""
+        self.probabilities: np.ndarray | None = None
+        """The controller's (answer, continue) probabilities at the last probe; None when it was not asked."""
+        self.observation: np.ndarray | None = None
+        """The controller's input at the last probe: prompt features, then :data:`PROBE_INPUTS`."""
+        self._features = np.asarray(features, dtype=np.float32)
+        self._answers: list[str] = []
+        self._changes = 0
+        self._tokens_spent = 0.0
+
+    @property
+    def next_budget(self) -> int | None:
+        """Reasoning tokens to reach before the next probe; None once done."""
+        return None if self.done else self.checkpoints[self.checkpoint]
+
+    def observe(self, answer: str, logprob: float, tokens_spent: float, stopped: bool) -> str:
+        """Report the probe at the current checkpoint and get the decision.
+
+        Args:
+            answer: the probe's answer text (compared with earlier probes after
+                :func:`tokenopt.metrics.normalize_answer`, as collection compares answers).
+            logprob: the mean log-probability of the probe answer's tokens.
+            tokens_spent: tokens billed for the request so far: the reasoning up to here
+                plus every probe's cue and answer tokens (this one's included), probe
+                tokens weighted by ``settings.probe_token_price`` (with the default
+                price 1: every token generated for the request so far).
+            stopped: the LM ended its reasoning by itself (wrote the cue or EOS) before
+                this checkpoint.
+
+        Returns:
+            ``"answer"``: return this probe's answer; ``"continue"``: reason on to
+            ``next_budget`` and probe there.
+
+        Raises:
+            RuntimeError: the session has already answered.
+            ValueError: a log-probability that is not finite and <= 0, or
+                ``tokens_spent`` that is negative, not finite, or below the previous
+                probe's.
+        """
+        if self.done:
+            raise RuntimeError(
+                f"this session already answered at checkpoint {self.checkpoint} (budget "
+                f"{self.checkpoints[self.checkpoint]}); start a new one with policy.start(prompt)"
+            )
+        if not np.isfinite(logprob) or logprob > 0:
+            raise ValueError(f"logprob must be a finite mean log-probability <= 0; got {logprob}")
+        if not np.isfinite(tokens_spent) or tokens_spent < self._tokens_spent:
+            raise ValueError(
+                f"tokens_spent must be a finite count >= {self._tokens_spent:g} (what the earlier probes billed); "
+                f"got {tokens_spent}"
+            )
+        step, last = self.checkpoint, len(self.checkpoints) - 1
+        normalized = normalize_answer(answer)
+        self._changes += int(bool(self._answers) and normalized != self._answers[-1])
+        self._answers.append(normalized)
+        self._tokens_spent = float(tokens_spent)
+        recent = self._answers[-3:]
+        probes = [
+            self._tokens_spent / max(float(self.settings.max_budget), 1.0),
+            step / last,
+            float(logprob),
+            float(step >= 1 and recent[-1] == recent[-2]),
+            float(step >= 2 and len(set(recent)) == 1),
+            self._changes / max(step, 1),
+            float(stopped),
+        ]
+        self.observation = np.concatenate([self._features, np.asarray(probes, dtype=np.float32)])
+        if stopped or step == last:
+            # Reasoning on changes nothing (or cannot go further): the environment answers here too.
+            self.probabilities = None
+            self.decision = ANSWER
+        else:
+            self.probabilities = self.policy.probabilities(self.observation[None, :])[0]
+            self.decision = CONTINUE if int(np.argmax(self.probabilities)) == 1 else ANSWER
+        if self.decision == ANSWER:
+            self.done = True
+        else:
+            self.checkpoint += 1
+        return self.decision
