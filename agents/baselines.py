@@ -8,37 +8,53 @@ the learned policy, and bills what it would have spent:
   prompt features, plus a safety margin of budget steps;
 - Dynasor-style certainty exit: probe the answer at each budget of the ladder and stop
   once the last ``window`` probes agree, billing every probe's cue and answer;
+- DEER-style confidence exit: probe likewise and stop once the probe answer's
+  confidence (its mean token probability) passes a threshold, billed the same way;
 - Adaptive-Consistency-style sampling: draw the samples of ``sc<k>`` one by one and
   stop once the vote is decided (or likely decided, by its Beta stopping rule);
 - RouteLLM-style router: a classifier scores how likely the expensive action beats the
   cheap one, and a threshold routes between them.
 
 Each method yields :class:`OperatingPoint` objects, one per setting of its knob: the
-per-query exact match and billed tokens on a split. :mod:`tokenopt.agents.scoreboard`
-turns them into curves, rows and plots.
+per-query exact match and billed tokens on a split. :func:`probe_controller_point` replays
+the learned probe controller (``tokenopt train --env probe``) through its runtime
+session with the same bill as the two probing rules and the environment.
+:mod:`tokenopt.agents.scoreboard` turns them into curves, rows and plots.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tokenopt.actions import parse_mode
+from tokenopt.cost import CostModel
 from tokenopt.outcomes import ReplayTable
+from tokenopt.runtime import ANSWER, BudgetPolicy
 
 __all__ = [
+    "DEER_THRESHOLDS",
     "OperatingPoint",
     "ReplayTable",
     "adaptive_consistency_points",
+    "deer_points",
     "dynasor_points",
     "fixed_points",
+    "probe_controller_point",
+    "probe_oracle_point",
     "router_points",
     "tale_points",
 ]
+
+DEER_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.8, 0.95)
+"""Confidence thresholds of the DEER-style rule: DEER's own 0.95, and a dense grid lower
+down, where a small LM's confidences (the demo's lie near 0.46 when unsure, above 0.99
+when sure) separate right answers from guesses."""
 
 
 @dataclass
@@ -238,6 +254,52 @@ def _point(method: str, setting: str, replay: ReplayTable, columns: np.ndarray) 
 # --- replayed early-exit baselines -----------------------------------------------
 
 
+def _probe_ladders(replay: ReplayTable) -> dict[str, list[int]]:
+    """The ladders the probing rules walk, by name.
+
+    Per mode: from budget 0 (a direct answer is the first probe) and, when the ladder
+    starts at 0 and has more than two budgets, from the first non-zero budget.
+    """
+    ladders = {}
+    for mode in replay.mode_names:
+        full = replay.ladder(mode)
+        ladders[f"{mode}, from b0"] = full
+        if replay.budgets[full[0]] == 0 and len(full) > 2:
+            ladders[f"{mode}, from b{replay.budgets[full[1]]}"] = full[1:]
+    return ladders
+
+
+def _exit_bill(replay: ReplayTable, query: int, ladder: list[int], step: int, probe_token_price: float = 1.0) -> float:
+    """What answering at checkpoint ``step`` of ``ladder`` bills, as TokenBudgetProbe-v0 bills it.
+
+    The reasoning up to the checkpoint, the cue and answer tokens of the probes before
+    it weighted by ``probe_token_price``, and the last probe's in full (it is the answer).
+    """
+    probes = replay.probe_tokens[query, ladder[:step]].sum()
+    column = ladder[step]
+    return float(
+        replay.reasoning_tokens[query, column] + probe_token_price * probes + replay.probe_tokens[query, column]
+    )
+
+
+def _probe_exit_point(
+    method: str, setting: str, replay: ReplayTable, ladder: list[int], stop: Callable[[int, int], bool]
+) -> OperatingPoint:
+    """Replay a probing rule over one ladder, with the probe environment's bill.
+
+    Each query answers at the first checkpoint where ``stop(query, step)`` holds, where
+    the LM has stopped reasoning by itself, or at the largest budget.
+    """
+    n = len(replay.matrix.ids)
+    columns = np.empty(n, dtype=np.int64)
+    billed = np.empty(n)
+    for i in range(n):
+        step = next(k for k, j in enumerate(ladder) if k == len(ladder) - 1 or replay.natural_stop[i, j] or stop(i, k))
+        columns[i], billed[i] = ladder[step], _exit_bill(replay, i, ladder, step)
+    rows = np.arange(n)
+    return OperatingPoint(method, setting, replay.matrix.exact_match[rows, columns], billed, columns)
+
+
 def dynasor_points(replay: ReplayTable, windows: tuple[int, ...] = (2, 3)) -> list[OperatingPoint]:
     """Dynasor-style certainty exit over each mode's budget ladder.
 
@@ -249,38 +311,120 @@ def dynasor_points(replay: ReplayTable, windows: tuple[int, ...] = (2, 3)) -> li
     budget 0 (a direct answer is the first probe) or at the first non-zero budget.
     """
     points = []
-    n = len(replay.matrix.ids)
-    for mode in replay.mode_names:
-        full = replay.ladder(mode)
-        starts = {"from b0": full}
-        if replay.budgets[full[0]] == 0 and len(full) > 2:
-            starts[f"from b{replay.budgets[full[1]]}"] = full[1:]
-        for start_name, ladder in starts.items():
-            for window in windows:
-                if window > len(ladder):
-                    continue
-                columns = np.empty(n, dtype=np.int64)
-                billed = np.empty(n)
-                for i in range(n):
-                    probes = 0.0
-                    for step, j in enumerate(ladder):
-                        probes += replay.probe_tokens[i, j]
-                        recent = [replay.answers[i, k] for k in ladder[max(0, step - window + 1) : step + 1]]
-                        settled = step + 1 >= window and len(set(recent)) == 1
-                        if settled or replay.natural_stop[i, j] or step == len(ladder) - 1:
-                            columns[i], billed[i] = j, replay.reasoning_tokens[i, j] + probes
-                            break
-                rows = np.arange(n)
-                points.append(
-                    OperatingPoint(
-                        "Dynasor-style",
-                        f"{mode}, {start_name}, {window} agree",
-                        replay.matrix.exact_match[rows, columns],
-                        billed,
-                        columns,
-                    )
-                )
+    for name, ladder in _probe_ladders(replay).items():
+        for window in windows:
+            if window > len(ladder):
+                continue
+
+            def agree(i: int, step: int, ladder: list[int] = ladder, window: int = window) -> bool:
+                recent = ladder[max(0, step - window + 1) : step + 1]
+                return step + 1 >= window and len({replay.answers[i, k] for k in recent}) == 1
+
+            points.append(_probe_exit_point("Dynasor-style", f"{name}, {window} agree", replay, ladder, agree))
     return points
+
+
+def deer_points(replay: ReplayTable, thresholds: tuple[float, ...] = DEER_THRESHOLDS) -> list[OperatingPoint]:
+    """DEER-style confidence exit over each mode's budget ladder.
+
+    After DEER (Yang et al., 2025, "Dynamic Early Exit in Reasoning Models"). The
+    ladders and the bill are the Dynasor-style rule's; the method stops at the first
+    budget where the probe answer's confidence, the exponential of its mean token
+    log-probability, exceeds ``threshold`` (or where the LM stopped by itself, or at the
+    largest budget). Threshold 0 answers at the first probe; 1 never trusts one.
+
+    Raises:
+        ValueError: a threshold outside [0, 1].
+    """
+    bad = [t for t in thresholds if not 0.0 <= t <= 1.0]
+    if bad:
+        raise ValueError(f"DEER thresholds are confidences in [0, 1]; got {bad}")
+    confidence = np.exp(replay.answer_logprob)
+    points = []
+    for name, ladder in _probe_ladders(replay).items():
+        for threshold in thresholds:
+
+            def confident(i: int, step: int, ladder: list[int] = ladder, threshold: float = threshold) -> bool:
+                return bool(confidence[i, ladder[step]] > threshold)
+
+            setting = f"{name}, confidence > {threshold:g}"
+            points.append(_probe_exit_point("DEER-style", setting, replay, ladder, confident))
+    return points
+
+
+def probe_controller_point(
+    policy: BudgetPolicy, replay: ReplayTable, questions: dict[str, str], setting: str = ""
+) -> OperatingPoint:
+    """The learned probe controller, replayed through its runtime session as a server runs it.
+
+    Each query's session starts from the question text and is told the table's probe
+    at each checkpoint (answer, mean log-probability, tokens billed so far, natural
+    stop) until it answers; it is billed as TokenBudgetProbe-v0 and the probing rules
+    bill.
+
+    Raises:
+        ValueError: the policy is not a probe controller, its checkpoints are not the
+            table's budgets of its mode, or a query has no question.
+    """
+    if policy.probe is None:
+        raise ValueError(f"{policy.policy_id} is not a probe controller (trained on {policy.spec.get('env_id')!r})")
+    settings = policy.probe
+    if settings.mode not in replay.mode_names:
+        raise ValueError(f"the controller reasons in mode {settings.mode!r}; the table has {replay.mode_names}")
+    ladder = replay.ladder(settings.mode)
+    if tuple(int(replay.budgets[j]) for j in ladder) != settings.checkpoints:
+        raise ValueError(
+            f"the controller's checkpoints {list(settings.checkpoints)} are not the table's {settings.mode} budgets "
+            f"{[int(replay.budgets[j]) for j in ladder]}"
+        )
+    missing = [query_id for query_id in replay.matrix.ids if query_id not in questions]
+    if missing:
+        raise ValueError(f"{len(missing)} queries have no question in queries.parquet, e.g. {missing[0]!r}")
+    n = len(replay.matrix.ids)
+    columns = np.empty(n, dtype=np.int64)
+    billed = np.empty(n)
+    for i, query_id in enumerate(replay.matrix.ids):
+        session = policy.start(questions[query_id])
+        spent, reasoned = 0.0, 0.0
+        for step, j in enumerate(ladder):
+            # Accumulated as the environment does, so the inputs match it to the last bit.
+            spent += (replay.reasoning_tokens[i, j] - reasoned) + settings.probe_token_price * replay.probe_tokens[i, j]
+            reasoned = replay.reasoning_tokens[i, j]
+            decision = session.observe(
+                replay.answers[i, j], replay.answer_logprob[i, j], spent, replay.natural_stop[i, j]
+            )
+            if decision == ANSWER:
+                columns[i], billed[i] = j, _exit_bill(replay, i, ladder, step, settings.probe_token_price)
+                break
+    rows = np.arange(n)
+    return OperatingPoint(
+        "tokenopt probe controller", setting, replay.matrix.exact_match[rows, columns], billed, columns
+    )
+
+
+def probe_oracle_point(
+    replay: ReplayTable, mode: str, cost_model: CostModel, probe_token_price: float = 1.0
+) -> OperatingPoint:
+    """Each query's best exit in hindsight on ``mode``'s ladder, billed as the probe environment bills.
+
+    The most any probe controller reasoning in ``mode`` could earn: it may answer at
+    any checkpoint up to the first where the LM stopped by itself (the earliest of
+    equally rewarded ones), paying for every probe on the way.
+    """
+    ladder = replay.ladder(mode)
+    n = len(replay.matrix.ids)
+    columns = np.empty(n, dtype=np.int64)
+    billed = np.empty(n)
+    for i in range(n):
+        last = next(k for k, j in enumerate(ladder) if k == len(ladder) - 1 or replay.natural_stop[i, j])
+        bills = np.array([_exit_bill(replay, i, ladder, k, probe_token_price) for k in range(last + 1)])
+        em = replay.matrix.exact_match[i, ladder[: last + 1]]
+        best = int(np.argmax(cost_model.reward(em, bills, replay.matrix.prompt_tokens[i])))
+        columns[i], billed[i] = ladder[best], bills[best]
+    rows = np.arange(n)
+    return OperatingPoint(
+        "probe oracle", f"{mode}, best exit", replay.matrix.exact_match[rows, columns], billed, columns
+    )
 
 
 def _majority_probability(leader: int, runner_up: int) -> float:

@@ -137,12 +137,21 @@ def query_questions(table: str | Path) -> dict[str, str]:
     return dict(zip(queries.column("id").to_pylist(), queries.column("question").to_pylist(), strict=True))
 
 
-def check_policy_fits_table(policy: BudgetPolicy, manifest: dict[str, Any], where: str) -> None:
+def check_policy_fits_table(
+    policy: BudgetPolicy, manifest: dict[str, Any], where: str, probe_controller: bool = False
+) -> None:
     """Refuse a policy whose action table or feature spec is not the table's.
 
+    Args:
+        policy: the loaded policy.
+        manifest: the outcome table's manifest.
+        where: how to name the policy in a message.
+        probe_controller: expect a probe controller (``train --env probe``) instead of
+            a per-query policy.
+
     Raises:
-        ValueError: the action names (in order) or the feature spec differ; the
-            message names the differences.
+        ValueError: the action names (in order) or the feature spec differ, or the
+            policy is not of the expected kind; the message names the differences.
     """
     policy_actions = [str(action["name"]) for action in policy.actions]
     table_actions = [str(action["name"]) for action in manifest["actions"]]
@@ -163,7 +172,18 @@ def check_policy_fits_table(policy: BudgetPolicy, manifest: dict[str, Any], wher
     if policy_spec != table_spec:
         keys = sorted(key for key in policy_spec | table_spec if policy_spec.get(key) != table_spec.get(key))
         raise ValueError(f"{where}: the policy's feature spec differs from the table's in {keys}")
-    if policy.extra_inputs:
+    if probe_controller:
+        if policy.probe is None:
+            raise ValueError(
+                f"{where}: not a probe controller (trained on {policy.spec.get('env_id')!r}); "
+                "expected a `tokenopt train --env probe` run"
+            )
+    elif policy.probe is not None:
+        raise ValueError(
+            f"{where}: a probe controller (answer or continue at checkpoints); gate, cv and eval's policy "
+            "argument take per-query policies (eval scores a probe controller with --probe-run)"
+        )
+    elif policy.extra_inputs:
         raise ValueError(
             f"{where}: the policy takes extra inputs {policy.extra_inputs} (a stream policy); "
             "gate, cv and eval score per-query (budget env) policies"

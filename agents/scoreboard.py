@@ -8,6 +8,11 @@ it is reachable by splitting traffic between two settings). The report says, per
 weight, whether the policy lies on or above every baseline's curve at its own mean
 tokens, and where a baseline does better. Rows at each weight pick every method's
 setting by its validation reward, then report the test split.
+
+Given a probe run (``tokenopt train --env probe``), the learned probe controller, which
+watches the reasoning and answers at a checkpoint, is scored too (one controller per
+weight, replayed through its runtime session with the probing rules' bill), against
+the two probing rules (Dynasor-style, DEER-style) and the per-query policy.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from tokenopt.agents.baselines import (
     OperatingPoint,
     ReplayTable,
     adaptive_consistency_points,
+    deer_points,
     dynasor_points,
     fixed_points,
+    probe_controller_point,
+    probe_oracle_point,
     router_points,
     tale_points,
 )
@@ -43,7 +51,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_SWEEP = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 """Cost weights of the sweep: 400 down to about 6 billed tokens per exact match."""
 
-BASELINES = ("fixed", "TALE-style", "Dynasor-style", "Adaptive-Consistency-style", "RouteLLM-style")
+BASELINES = ("fixed", "TALE-style", "Dynasor-style", "DEER-style", "Adaptive-Consistency-style", "RouteLLM-style")
+
+PROBE_RULES = ("Dynasor-style", "DEER-style")
+"""The baselines that, like the probe controller, probe the answer at budget checkpoints."""
+
+POLICY, PROBE = "tokenopt policy", "tokenopt probe controller"
 
 
 @dataclass
@@ -68,6 +81,9 @@ class ScoreboardConfig:
     plots: bool = True
     extra_policies: dict[float, str] = field(default_factory=dict)
     """Policies already trained for some weights of the sweep (weight -> folder)."""
+    probe_run: str | None = None
+    """A ``tokenopt train --env probe`` run (or its policy folder) to score as well; the sweep
+    trains one controller per missing weight with the run's settings (reused if there)."""
 
 
 # --- curves ----------------------------------------------------------------------
@@ -150,15 +166,30 @@ def _policy_columns(
     return policy_choices(policy, matrix, questions)
 
 
-def _train_for_weight(run: Path | None, config: ScoreboardConfig, weight: float, out: Path) -> Path:
-    """Train (or reuse) the sweep's policy for one cost weight, like the given run."""
+def _load_probe_controller(policy_dir: Path, manifest: dict[str, Any]) -> Any:
+    from tokenopt.runtime import BudgetPolicy
+
+    policy = BudgetPolicy.load(policy_dir)
+    check_policy_fits_table(policy, manifest, str(policy_dir), probe_controller=True)
+    return policy
+
+
+def _train_for_weight(
+    run: Path | None, config: ScoreboardConfig, weight: float, out: Path, env: str = "budget"
+) -> Path:
+    """Train (or reuse) the sweep's policy for one cost weight on ``env``, like the given run."""
     from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import TrainConfig, config_field_names, train
+    from tokenopt.agents.train import ENV_IDS, TrainConfig, config_field_names, train
 
     policy_dir = out / "policy"
     if (policy_dir / "policy.json").is_file():
-        metadata = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
-        if math.isclose(float(metadata.get("cost_weight", -1)), weight) and metadata.get("table") == config.table:
+        spec = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8"))
+        metadata = spec.get("metadata", {})
+        if (
+            math.isclose(float(metadata.get("cost_weight", -1)), weight)
+            and metadata.get("table") == config.table
+            and spec.get("env_id") == ENV_IDS[env]
+        ):
             return policy_dir
     settings: dict[str, Any] = {}
     if run is not None:
@@ -167,8 +198,10 @@ def _train_for_weight(run: Path | None, config: ScoreboardConfig, weight: float,
     settings.update(table=config.table, out=str(out), cost_weight=weight, em_floor=None, token_target=None)
     if config.total_timesteps is not None:
         settings["total_timesteps"] = config.total_timesteps
-    if settings.get("env", "budget") != "budget":
-        raise ValueError("eval's sweep trains per-query policies; the run was trained with --env stream")
+    trained_on = settings.setdefault("env", env)
+    if trained_on != env:
+        kind = "probe controllers" if env == "probe" else "per-query policies"
+        raise ValueError(f"eval's sweep trains {kind} (--env {env}); {run} was trained with --env {trained_on}")
     train(TrainConfig(**settings))
     return export_run(out)
 
@@ -199,6 +232,7 @@ def _baseline_points(
             *fixed_points(target),
             *tale[k],
             *dynasor_points(target),
+            *deer_points(target),
             *adaptive_consistency_points(target),
             *router[k],
         ]  # fmt: skip
@@ -238,11 +272,19 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         config.cost_weight if config.cost_weight is not None else policy_meta.get("cost_weight", DEFAULT_COST_WEIGHT)
     )
     weights = sorted(set(config.cost_weights) | {default_weight})
+    probe: tuple[Path, Path | None, float] | None = None
+    if config.probe_run is not None:
+        probe_dir, probe_source = _resolve_policy(Path(config.probe_run))
+        _load_probe_controller(probe_dir, manifest)  # before any work
+        probe_meta = json.loads((probe_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
+        probe = (probe_dir, probe_source, float(probe_meta.get("cost_weight", default_weight)))
+        weights = sorted(set(weights) | {probe[2]})
 
     say("replaying the baselines")
     points = _baseline_points(train_r, val_r, test_r, config.seed)
     questions = query_questions(config.table)
 
+    sweep_dir = Path(config.sweep_dir) if config.sweep_dir else out / "sweep"
     policies: dict[float, Path] = {
         default_weight: policy_dir,
         **{float(w): Path(p) for w, p in config.extra_policies.items()},
@@ -250,8 +292,18 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     for weight in weights:
         if weight not in policies:
             say(f"training the sweep's policy for cost weight {weight:g}")
-            sweep_dir = Path(config.sweep_dir) if config.sweep_dir else out / "sweep"
             policies[weight] = _train_for_weight(run, config, weight, sweep_dir / f"lambda-{weight:g}")
+    probe_policies: dict[float, Path] = {}
+    probe_points: dict[float, OperatingPoint] = {}
+    if probe is not None:
+        probe_policies[probe[2]] = probe[0]
+        for weight in weights:
+            if weight not in probe_policies:
+                say(f"training the sweep's probe controller for cost weight {weight:g}")
+                where = sweep_dir / f"probe-lambda-{weight:g}"
+                probe_policies[weight] = _train_for_weight(probe[1], config, weight, where, env="probe")
+            controller = _load_probe_controller(probe_policies[weight], manifest)
+            probe_points[weight] = probe_controller_point(controller, test_r, questions, f"lambda {weight:g}")
     policy_points: dict[float, OperatingPoint] = {}
     for weight in weights:
         columns = _policy_columns(policies[weight], test_r.matrix, questions, manifest)
@@ -268,9 +320,10 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         mine = [p for p in points["test"] if p.method == method]
         curves[method] = envelope(np.array([p.tokens for p in mine]), np.array([p.em for p in mine]))
     sweep_points = [policy_points[w] for w in weights]
-    curves["tokenopt policy"] = envelope(
-        np.array([p.tokens for p in sweep_points]), np.array([p.em for p in sweep_points])
-    )
+    curves[POLICY] = envelope(np.array([p.tokens for p in sweep_points]), np.array([p.em for p in sweep_points]))
+    if probe_points:
+        probe_sweep = [probe_points[w] for w in weights]
+        curves[PROBE] = envelope(np.array([p.tokens for p in probe_sweep]), np.array([p.em for p in probe_sweep]))
     greedy_ladder = test_r.ladder("greedy") if "greedy" in test_r.mode_names else [int(np.argmax(test_r.budgets))]
     reference = greedy_ladder[-1]
     reference_em = float(test_r.matrix.exact_match[:, reference].mean())
@@ -291,17 +344,10 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             test_r.matrix.billed_tokens[rows, oracle_columns], oracle_columns,
         )  # fmt: skip
         policy = policy_points[weight]
-        rows_out = [
-            _row(
-                "tokenopt policy",
-                f"lambda {weight:g}",
-                policy,
-                _reward(policy, cost_model, prompt["test"]),
-                best_fixed,
-                spread,
-            ),
-            _row("oracle", "per-query best", oracle_point, oracle_reward, best_fixed, spread),
-        ]
+        policy_row = _row(
+            POLICY, f"lambda {weight:g}", policy, _reward(policy, cost_model, prompt["test"]), best_fixed, spread
+        )
+        rows_out = [policy_row, _row("oracle", "per-query best", oracle_point, oracle_reward, best_fixed, spread)]
         for method in BASELINES:
             val_candidates = [(k, p) for k, p in enumerate(points["val"]) if p.method == method]
             k_best = max(val_candidates, key=lambda item: _reward(item[1], cost_model, prompt["val"]))[0]
@@ -310,17 +356,32 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             rows_out.append(_row(method, chosen.setting, chosen, reward, best_fixed, spread))
         margins = {method: policy.em - curve_at(curves[method], policy.tokens) for method in BASELINES}
         beaten_by = {method: margin for method, margin in margins.items() if margin < -1e-9}
-        per_weight.append(
-            {
-                "cost_weight": weight,
-                "policy": {"em": policy.em, "tokens": policy.tokens},
-                "oracle": {"em": oracle_point.em, "tokens": oracle_point.tokens, "reward": oracle_reward},
-                "rows": rows_out,
-                "margins": {m: (None if math.isinf(v) else v) for m, v in margins.items()},
-                "on_or_above_all": not beaten_by,
-                "beaten_by": beaten_by,
+        entry: dict[str, Any] = {
+            "cost_weight": weight,
+            "policy": {"em": policy.em, "tokens": policy.tokens},
+            "oracle": {"em": oracle_point.em, "tokens": oracle_point.tokens, "reward": oracle_reward},
+            "rows": rows_out,
+            "margins": {m: (None if math.isinf(v) else v) for m, v in margins.items()},
+            "on_or_above_all": not beaten_by,
+            "beaten_by": beaten_by,
+        }
+        if probe_points:
+            controller = probe_points[weight]
+            probe_row = _row(
+                PROBE, f"lambda {weight:g}", controller, _reward(controller, cost_model, prompt["test"]), best_fixed,
+                spread,
+            )  # fmt: skip
+            rows_out.append(probe_row)
+            settings = _load_probe_controller(probe_policies[weight], manifest).probe
+            ceiling = probe_oracle_point(test_r, settings.mode, cost_model, settings.probe_token_price)
+            entry["probe"] = _probe_verdict(probe_row, policy_row, curves) | {
+                "oracle": {
+                    "em": ceiling.em,
+                    "tokens": ceiling.tokens,
+                    "reward": _reward(ceiling, cost_model, prompt["test"]),
+                }
             }
-        )
+        per_weight.append(entry)
 
     summary = {}
     for method, curve in curves.items():
@@ -346,20 +407,48 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             "weights_on_or_above": sum(w["on_or_above_all"] for w in sweep_only),
             "weights": len(sweep_only),
             "gap_recovered_at_default": default["rows"][0]["gap_recovered"],
+            **(
+                {
+                    "probe_weights_on_or_above_rules": sum(w["probe"]["on_or_above_rules"] for w in sweep_only),
+                    "probe_gap_recovered_at_default": default["probe"]["gap_recovered"],
+                }
+                if probe_points
+                else {}
+            ),
         },
         "per_weight": per_weight,
         "curves": summary,
         "oracle_sweep": oracle_sweep,
         "points": [{"method": p.method, "setting": p.setting, "em": p.em, "tokens": p.tokens} for p in points["test"]],
         "policies": {f"{w:g}": str(p) for w, p in policies.items()},
+        "probe_controllers": {f"{w:g}": str(p) for w, p in probe_policies.items()},
         "action_mix": _action_mix(test_r, policy_points[default_weight].actions, default_weight),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(format_report(report), encoding="utf-8")
     if config.plots:
         say("plotting")
-        _plots(out, report, points["test"], policy_points, test_r, default_weight)
+        _plots(out, report, points["test"], policy_points, probe_points, test_r, default_weight)
     return report
+
+
+def _probe_verdict(
+    probe_row: dict[str, Any], policy_row: dict[str, Any], curves: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any]:
+    """The probe controller at one weight, against the probing rules and the per-query policy.
+
+    Its figures, its EM margin over each probing rule's curve at its own mean tokens,
+    and its reward and gap recovered minus the policy's.
+    """
+    margins = {rule: probe_row["em"] - curve_at(curves[rule], probe_row["tokens"]) for rule in PROBE_RULES}
+    return {
+        **{key: probe_row[key] for key in ("em", "tokens", "reward", "gap_recovered")},
+        # A controller cheaper than a rule's cheapest setting is not below that rule (margin +inf, reported as None).
+        "margins": {rule: (None if math.isinf(v) else v) for rule, v in margins.items()},
+        "on_or_above_rules": all(v >= -1e-9 for v in margins.values()),
+        "reward_minus_policy": probe_row["reward"] - policy_row["reward"],
+        "gap_recovered_minus_policy": probe_row["gap_recovered"] - policy_row["gap_recovered"],
+    }
 
 
 def _action_mix(replay: ReplayTable, columns: np.ndarray | None, weight: float) -> dict[str, dict[str, dict[str, int]]]:
@@ -375,6 +464,22 @@ def _action_mix(replay: ReplayTable, columns: np.ndarray | None, weight: float) 
             action = replay.matrix.actions[int(j)]
             counts[action] = counts.get(action, 0) + 1
     return mix
+
+
+def _probe_sentence(probe: dict[str, Any]) -> str:
+    margins = ", ".join(
+        f"{rule} {'n/a (controller cheaper than its cheapest point)' if v is None else f'{100 * v:+.1f}'}"
+        for rule, v in probe["margins"].items()
+    )
+    where = "on or above both" if probe["on_or_above_rules"] else "below at least one"
+    ceiling = probe["oracle"]
+    return (
+        f"Probe controller at {probe['tokens']:.2f} tokens, EM {probe['em']:.3f}, reward {probe['reward']:.3f}; its EM "
+        f"margin over the probing rules' curves at those tokens (points): {margins} ({where}). Against the policy: "
+        f"reward {probe['reward_minus_policy']:+.3f}, gap recovered {probe['gap_recovered_minus_policy']:+.2f}. "
+        f"The best exit in hindsight on its ladder, the most any controller reasoning in its mode could earn: "
+        f"EM {ceiling['em']:.3f} at {ceiling['tokens']:.2f} tokens, reward {ceiling['reward']:.3f}."
+    )
 
 
 def _fmt_tokens(value: float | None) -> str:
@@ -403,6 +508,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"**{bar['weights_on_or_above']} of {bar['weights']}** cost weights.",
         f"- Gap recovered at the default weight ({report['default_cost_weight']:g}): "
         f"**{bar['gap_recovered_at_default']:.2f}**.",
+    ]
+    if "probe_weights_on_or_above_rules" in bar:
+        lines += [
+            f"- The probe controller is on or above the curves of both probing rules ({', '.join(PROBE_RULES)}) "
+            f"at its own mean tokens for **{bar['probe_weights_on_or_above_rules']} of {bar['weights']}** cost "
+            f"weights; its gap recovered at the default weight is **{bar['probe_gap_recovered_at_default']:.2f}** "
+            f"against the policy's {bar['gap_recovered_at_default']:.2f}.",
+        ]
+    lines += [
         "",
         "## Curves: area and tokens to reach max-budget greedy's EM",
         "",
@@ -444,6 +558,8 @@ def format_report(report: dict[str, Any]) -> str:
                 + ", ".join(f"{r['method']} ({r['setting']}, {r['reward'] - policy_reward:+.3f})" for r in ahead)
                 + "."
             )
+        if "probe" in entry:
+            lines.append(_probe_sentence(entry["probe"]))
     lines += ["", "## Action mix at the default weight", "", "| family | tokenopt policy | oracle |", "|---|---|---|"]
     mix = report["action_mix"]
     for family in mix["tokenopt policy"]:
@@ -459,9 +575,11 @@ _COLORS = {
     "fixed": "tab:gray",
     "TALE-style": "tab:blue",
     "Dynasor-style": "tab:green",
+    "DEER-style": "tab:olive",
     "Adaptive-Consistency-style": "tab:purple",
     "RouteLLM-style": "tab:orange",
     "tokenopt policy": "crimson",
+    "tokenopt probe controller": "darkcyan",
 }
 
 
@@ -470,6 +588,7 @@ def _plots(
     report: dict[str, Any],
     points: list[OperatingPoint],
     policy_points: dict[float, OperatingPoint],
+    probe_points: dict[float, OperatingPoint],
     replay: ReplayTable,
     default_weight: float,
 ) -> None:
@@ -495,6 +614,10 @@ def _plots(
     for k, w in enumerate(weights):
         axis.annotate(f"λ={w:g}", (policy_points[w].tokens, policy_points[w].em), textcoords="offset points",
                       xytext=(6, -14 if k % 2 else 8), fontsize=7, color="crimson")  # fmt: skip
+    if probe_points:
+        axis.plot([probe_points[w].tokens for w in weights], [probe_points[w].em for w in weights],
+                  color=_COLORS[PROBE], lw=2, marker="P", markersize=10, zorder=6,
+                  label="tokenopt probe controller (one per cost weight λ)")  # fmt: skip
     oracle = report["oracle_sweep"]
     axis.plot([o["tokens"] for o in oracle], [o["em"] for o in oracle], color="black", marker="X", ls="--", lw=1,
               label="oracle (per cost weight)", zorder=5)  # fmt: skip

@@ -106,8 +106,8 @@ def test_eval_cli_writes_the_report_plots_and_tensorboard(tmp_path, small_run, d
     assert [w["cost_weight"] for w in report["per_weight"]] == [0.005, 0.01]
     methods = {r["method"] for r in report["per_weight"][0]["rows"]}
     assert methods == {
-        "tokenopt policy", "oracle", "fixed", "TALE-style", "Dynasor-style", "Adaptive-Consistency-style",
-        "RouteLLM-style",
+        "tokenopt policy", "oracle", "fixed", "TALE-style", "Dynasor-style", "DEER-style",
+        "Adaptive-Consistency-style", "RouteLLM-style",
     }  # fmt: skip
     oracle = next(r for r in report["per_weight"][1]["rows"] if r["method"] == "oracle")
     assert oracle["gap_recovered"] == pytest.approx(1.0)
