@@ -382,8 +382,15 @@ def eval_command(
     sweep_dir: Annotated[
         Path | None, typer.Option(help="Folder for the sweep's training runs. Default: OUT/sweep.")
     ] = None,
+    probe_run: Annotated[
+        Path | None,
+        typer.Option(
+            help="A `tokenopt train --env probe` run (or its policy folder) to score too, against the Dynasor- and "
+            "DEER-style rules; the sweep trains one controller per missing weight with its settings (reused if there)."
+        ),
+    ] = None,
 ) -> None:
-    """Score the policy against fixed budgets, TALE, Dynasor, Adaptive-Consistency, RouteLLM and the oracle."""
+    """Score the policy against fixed budgets, TALE, Dynasor, DEER, Adaptive-Consistency, RouteLLM and the oracle."""
     from tokenopt.agents.scoreboard import ScoreboardConfig, run_scoreboard
 
     try:
@@ -391,16 +398,24 @@ def eval_command(
         config = ScoreboardConfig(
             policy=str(policy), table=str(table), split=split, out=str(out), cost_weights=weights,
             total_timesteps=total_timesteps, seed=seed, sweep_dir=None if sweep_dir is None else str(sweep_dir),
+            probe_run=None if probe_run is None else str(probe_run),
         )  # fmt: skip
         report = run_scoreboard(config, progress=lambda message: console.print(f"[dim]{message}[/dim]"))
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
         return
     bar = report["bar"]
-    typer.echo(
+    lines = [
         f"policy on or above every baseline's curve for {bar['weights_on_or_above']} of {bar['weights']} cost weights; "
-        f"gap recovered at the default weight {bar['gap_recovered_at_default']:.2f}\nreport: {out / 'report.md'}"
-    )
+        f"gap recovered at the default weight {bar['gap_recovered_at_default']:.2f}"
+    ]
+    if "probe_weights_on_or_above_rules" in bar:
+        lines.append(
+            f"probe controller on or above the Dynasor- and DEER-style curves for "
+            f"{bar['probe_weights_on_or_above_rules']} of {bar['weights']} cost weights; gap recovered at the "
+            f"default weight {bar['probe_gap_recovered_at_default']:.2f}"
+        )
+    typer.echo("\n".join([*lines, f"report: {out / 'report.md'}"]))
 
 
 @app.command()
