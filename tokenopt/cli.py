@@ -212,7 +212,9 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 @app.command()
 def train(
-    table: Annotated[Path, typer.Option(help="Outcome-table folder written by `tokenopt collect`.")],
+    table: Annotated[
+        Path | None, typer.Option(help="Outcome-table folder written by `tokenopt collect` (not with --from-log).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Run folder (config.yml, command.txt, tb/, checkpoints/, policy/).")] = Path(
         "runs/train"
     ),
@@ -256,13 +258,47 @@ def train(
     init_lr_scale: Annotated[
         float, typer.Option(help="With --init-from: the hidden layers' learning rate relative to the heads'.")
     ] = 0.3,
+    from_log: Annotated[
+        Path | None,
+        typer.Option(help="Refine the --init-from policy off-policy on this decision log's feedback (no table)."),
+    ] = None,
+    arm: Annotated[str, typer.Option(help="With --from-log: the A/B arm whose rows are used.")] = "A",
+    epochs: Annotated[int | None, typer.Option(help="With --from-log: passes over the logged rows (30).")] = None,
+    clip: Annotated[
+        float | None, typer.Option(help="With --from-log: PPO clip range of the importance ratio (0.2).")
+    ] = None,
 ) -> None:
     """Train a PPO agent on an outcome table, validate it, and export the best policy.
 
     With --seeds N, train N runs into OUT/seed-<s>/ and compare their policies on the
     test split; --ensemble adds one policy averaging them (OUT/policy/, OUT/ensemble.json).
+    With --from-log LOG --init-from POLICY, refine an exported policy on a server's
+    decision log instead (clipped importance-weighted policy gradient; OUT/from_log.json).
     """
     from dataclasses import replace
+
+    if from_log is not None:
+        given = {"--table": table is not None, "--env": env != "budget", "--algo": algo != "ppo",
+                 "--config": config is not None, "--total-timesteps": total_timesteps is not None,
+                 "--em-floor": em_floor is not None, "--token-target": token_target is not None,
+                 "--seeds": seeds != 1, "--ensemble": ensemble}  # fmt: skip
+        _train_from_log(
+            from_log, init_from, out, cost_weight, arm, epochs, clip, seed, set_ or [],
+            [option for option, used in given.items() if used],
+        )  # fmt: skip
+        return
+    only_from_log = {"--arm": arm != "A", "--epochs": epochs is not None, "--clip": clip is not None}
+    if any(only_from_log.values()) or table is None:
+        used = [option for option, value in only_from_log.items() if value]
+        _fail(
+            ValueError(f"{used} apply only with --from-log LOG")
+            if used
+            else ValueError(
+                "give --table (the outcome table to train on), or --from-log LOG --init-from POLICY_DIR "
+                "(refine a policy on a server's decision log)"
+            )
+        )
+        return
 
     from tokenopt.agents.pipeline import export_ensemble, export_run, format_seed_report, seed_report
     from tokenopt.agents.train import CONFIG_DIR, TrainConfig, TrainResult
@@ -346,6 +382,60 @@ def train(
                 f"(mean of singles {comparison['mean_single']['reward']:.4f})."
             )
         typer.echo(f"Report: {report_path}")
+
+
+def _train_from_log(
+    log: Path,
+    init_from: Path | None,
+    out: Path,
+    cost_weight: float,
+    arm: str,
+    epochs: int | None,
+    clip: float | None,
+    seed: int,
+    overrides: list[str],
+    conflicting: list[str],
+) -> None:
+    """``tokenopt train --from-log``: refine an exported policy on a decision log and report the held-out figures."""
+    from tokenopt.agents.from_log import FromLogConfig, refine_from_log
+
+    try:
+        if conflicting:
+            raise ValueError(
+                f"--from-log refines an exported policy on a decision log; {conflicting} train PPO on an outcome "
+                "table and do not apply"
+            )
+        if init_from is None:
+            raise ValueError("--from-log needs the policy to refine: --init-from POLICY_DIR (an exported policy)")
+        settings = FromLogConfig(log=str(log), init_from=str(init_from), out=str(out), arm=arm,
+                                 cost_weight=cost_weight, seed=seed)  # fmt: skip
+        explicit = {"epochs": epochs, "clip": clip}
+        settings = settings.with_overrides(
+            _parse_overrides(overrides) | {key: value for key, value in explicit.items() if value is not None}
+        )
+        result = refine_from_log(settings)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    (out / "command.txt").write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+    def figures(values: dict[str, Any]) -> str:
+        if values["reward"] is None:
+            return "no held-out row matches its choices"
+        return (
+            f"reward {values['reward']:.3f}, EM {values['em']:.3f}, billed tokens {values['billed_tokens']:.2f} "
+            f"({values['matched_rows']} matching rows, effective {values['effective_rows']:.0f})"
+        )
+
+    typer.echo(
+        f"refined {result.init_policy_id!r} on {result.rows['train']} logged rows of arm {arm} "
+        f"({result.seconds:.1f} s); {result.rows['holdout']} held-out rows, self-normalised IPS of the greedy policy:\n"
+        f"  old: {figures(result.holdout_old)}\n  new: {figures(result.holdout_new)}\n"
+        f"the refinement changed {100 * result.changed_decisions:.1f}% of the held-out decisions\n"
+        f"policy {result.policy_id!r}: {result.policy_dir}; figures: {out / 'from_log.json'}"
+    )
 
 
 @app.command("export")
