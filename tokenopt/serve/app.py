@@ -111,6 +111,10 @@ class ServeConfig:
     """Wrap prompts with the tokenizer's chat template."""
     temperature: float = 1.0
     """Sampling temperature of ``sc<k>``."""
+    threads: int | None = None
+    """torch CPU threads while serving; None leaves torch's setting. On a small CPU
+    machine, fewer threads than cores leave room for the event loop: torch's
+    spinning worker threads otherwise fight it for the cores."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,6 +125,7 @@ class ServeConfig:
             (self.timeout > 0, f"timeout must be > 0 seconds; got {self.timeout}"),
             (1 <= self.port <= 65535 or self.port == 0, f"port must be in [1, 65535]; got {self.port}"),
             (not (self.model and self.upstream), "give --model or --upstream, not both"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1; got {self.threads}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -373,6 +378,12 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         state.semaphore = asyncio.Semaphore(config.max_concurrency)
+        threads_before = None
+        if config.threads is not None:
+            import torch
+
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(config.threads)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, _reload_on_signal)  # main thread only
@@ -390,6 +401,10 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
                 state.backend.close()
             if state.log is not None:
                 state.log.close()
+            if threads_before is not None:
+                import torch
+
+                torch.set_num_threads(threads_before)
 
     def _reload_on_signal() -> None:
         try:
