@@ -72,7 +72,9 @@ def test_load_2000_requests_at_concurrency_64(tmp_path, demo_policy):
     assert batched > 1.5  # concurrent requests were decoded together
 
 
-JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=30)
+JSON_SCALARS = (
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=30)
+)
 JSON_VALUES = st.recursive(
     JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
 )
