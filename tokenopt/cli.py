@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import asdict
@@ -766,6 +767,9 @@ def serve_command(
     answer_regex: Annotated[str | None, typer.Option(help="Regex that reads the answer after the cue.")] = None,
     max_answer_tokens: Annotated[int, typer.Option(help="Most tokens an answer may have.")] = 8,
     chat_template: Annotated[bool, typer.Option(help="Wrap prompts in the tokenizer's chat template.")] = False,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads of the local LM; 0: one fewer than the cores (at least 1).")
+    ] = 0,
 ) -> None:
     """Serve the policy behind OpenAI-compatible endpoints (needs `pip install tokenopt[serve]`)."""
     try:
@@ -805,6 +809,7 @@ def serve_command(
             answer_regex=answer_regex,
             max_answer_tokens=max_answer_tokens,
             chat_template=chat_template,
+            threads=threads or max(1, (os.cpu_count() or 2) - 1),
         )
         application = create_app(config)
     except (ValueError, FileNotFoundError, PolicyLoadError) as error:
@@ -813,6 +818,7 @@ def serve_command(
     arms = ", ".join(f"{name}={arm.policy.policy_id}" for name, arm in application.state.tokenopt.arms.items())
     console.print(f"serving {arms} on http://{host}:{port}/v1 (decision log {log}); SIGHUP reloads the policies")
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()
