@@ -1,11 +1,13 @@
 """Shared-prefix decoding against independent per-budget runs on the demo LM."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from tokenopt.actions import parse_mode
 from tokenopt.demo.suite import SuiteConfig, generate_suite
-from tokenopt.lm.decoding import decode_with_budgets
+from tokenopt.lm.decoding import decode_each_at_budget, decode_with_budgets
 
 BUDGETS = [0, 2, 4, 8, 16, 32]
 
@@ -110,3 +112,21 @@ def test_tokenizer_round_trips_through_autotokenizer():
     assert ids[0] == tokenizer.bos_token_id
     assert len(ids) == len(text) + 1
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("mode_name", ["greedy", "sc5"])
+def test_each_row_at_its_own_budget_equals_one_budget_runs(demo_lm, prompts, mode_name):
+    mode, prompts = parse_mode(mode_name), prompts[:12]
+    budgets = [BUDGETS[i % len(BUDGETS)] for i in range(len(prompts))]
+    seeds = list(range(len(prompts)))
+    mixed, stats = decode_each_at_budget(demo_lm.model, prompts, mode, budgets, demo_lm.settings, seeds)
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        alone, _, _ = decode_with_budgets(demo_lm.model, [prompt], mode, [budget], demo_lm.settings, [seeds[i]])
+        for got, want in zip(mixed[i], alone[0][budget], strict=True):
+            # Same tokens; log-probabilities differ only by the batch's padding (float32).
+            assert replace(got, answer_logprob=0.0) == replace(want, answer_logprob=0.0)
+            assert got.answer_logprob == pytest.approx(want.answer_logprob, abs=1e-4)
+    # One batch instead of one per budget: rows leave as their budgets run out.
+    assert stats.forward_calls < sum(budget + 12 for budget in set(budgets))
+    with pytest.raises(ValueError, match="beam"):
+        decode_each_at_budget(demo_lm.model, prompts, parse_mode("beam3"), budgets, demo_lm.settings)

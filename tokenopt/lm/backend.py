@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenopt.actions import Mode
-from tokenopt.lm.decoding import DecodeSettings, DecodeStats, SequenceOutcome, decode_with_budgets
+from tokenopt.lm.decoding import (
+    DecodeSettings,
+    DecodeStats,
+    SequenceOutcome,
+    decode_each_at_budget,
+    decode_with_budgets,
+)
 from tokenopt.metrics import normalize_answer
 
 __all__ = [
@@ -297,16 +304,17 @@ class TransformersLM:
         self,
         prompts: list[list[int]],
         mode: Mode,
-        budget: int,
+        budget: int | list[int],
         seeds: list[int] | None = None,
         max_answer_tokens: int | None = None,
     ) -> list[Completion]:
-        """Serve a batch at one budget with budget forcing, returning text as well as outcomes.
+        """Serve a batch with budget forcing, returning text as well as outcomes.
 
         Args:
             prompts: token ids of each prompt.
             mode: decoding mode shared by the batch.
-            budget: reasoning budget shared by the batch.
+            budget: reasoning budget shared by the batch, or one per prompt (greedy
+                and ``sc<k>``: each row leaves the batch at its own budget).
             seeds: one seed per prompt for ``sc<k>``.
             max_answer_tokens: a smaller answer cap than the prompt format's (a client's
                 ``max_tokens`` may leave less room).
@@ -314,13 +322,18 @@ class TransformersLM:
         settings = self.settings
         if max_answer_tokens is not None:
             settings = replace(settings, max_answer_tokens=max(1, min(max_answer_tokens, settings.max_answer_tokens)))
-        outcomes, latency, stats = decode_with_budgets(self.model, prompts, mode, [budget], settings, seeds)
+        started = time.perf_counter()
+        if isinstance(budget, list):
+            sequences_of, stats = decode_each_at_budget(self.model, prompts, mode, budget, settings, seeds)
+        else:
+            outcomes, _, stats = decode_with_budgets(self.model, prompts, mode, [budget], settings, seeds)
+            sequences_of = [per_budget[budget] for per_budget in outcomes]
+        latency_ms = (time.perf_counter() - started) * 1000.0
         self.stats.add(stats)
         cue = self.prompt_format.answer_cue
         completions = []
-        for prompt, per_budget, waited in zip(prompts, outcomes, latency, strict=True):
-            sequences = per_budget[budget]
-            summary = self._summarise(sequences, mode, waited[budget])
+        for prompt, sequences in zip(prompts, sequences_of, strict=True):
+            summary = self._summarise(sequences, mode, latency_ms)
             chosen = 0
             if mode.kind == "sc":
                 # The sample the vote returned: the winning answer's most confident sample.

@@ -31,7 +31,7 @@ import torch
 
 from tokenopt.actions import Mode
 
-__all__ = ["DecodeSettings", "DecodeStats", "SequenceOutcome", "decode_with_budgets"]
+__all__ = ["DecodeSettings", "DecodeStats", "SequenceOutcome", "decode_each_at_budget", "decode_with_budgets"]
 
 _REASONING, _ANSWERING, _DONE = 0, 1, 2
 
@@ -395,6 +395,112 @@ def _prefill(
     return _returned_cache(output), attention, positions, output.logits[:, -1, :]
 
 
+def _start(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    mode: Mode,
+    max_budget: int,
+    settings: DecodeSettings,
+    seeds: list[int] | None,
+) -> tuple[_State, float]:
+    """Prefill the prompts and lay out the rows (k per prompt for ``sc<k>`` and ``beam<k>``)."""
+    device = next(model.parameters()).device
+    stats = DecodeStats()
+    started = time.perf_counter()
+    cache, attention, positions, logits = _prefill(model, prompts, settings.pad_id, device, stats)
+    width = mode.width
+    max_steps = max_budget + len(settings.cue_ids) + settings.max_answer_tokens + 2
+    rows: list[_Row] = []
+    for group in range(len(prompts)):
+        for sample in range(width):
+            uniforms = None
+            if mode.kind == "sc":
+                seed = 0 if seeds is None else seeds[group]
+                uniforms = np.random.default_rng([seed, sample]).random(max_steps)
+            rows.append(_Row(group=group, uniforms=uniforms, slot=len(rows)))
+    if width > 1:
+        cache.batch_repeat_interleave(width)  # type: ignore[attr-defined]
+        attention = attention.repeat_interleave(width, dim=0)
+        positions = positions.repeat_interleave(width, dim=0)
+        logits = logits.repeat_interleave(width, dim=0)
+    state = _State(model, settings, mode, rows, cache, attention, positions, logits, stats)
+    if mode.kind == "beam":
+        # All k beams start from the prompt: only the first may expand at step one.
+        for index, row in enumerate(state.rows):
+            row.score = 0.0 if index % width == 0 else float("-inf")
+    return state, started
+
+
+def decode_each_at_budget(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    mode: Mode,
+    budgets: list[int],
+    settings: DecodeSettings,
+    seeds: list[int] | None = None,
+) -> tuple[list[list[SequenceOutcome]], DecodeStats]:
+    """Serve a batch in which every prompt has its own budget (greedy and ``sc<k>``).
+
+    A row still reasoning when its prompt's budget is reached is forked, forced to
+    answer and leaves the batch; the other rows decode on. Each prompt's sequences
+    equal :func:`decode_with_budgets`' at that budget, so a server can batch requests
+    the policy gave different budgets.
+
+    Raises:
+        ValueError: a ``beam<k>`` mode (its beams of one prompt interact; batch beam
+            requests by budget with :func:`decode_with_budgets`), or a budget per
+            prompt missing.
+    """
+    if mode.kind == "beam":
+        raise ValueError("beam search needs one budget per batch: use decode_with_budgets")
+    if len(budgets) != len(prompts):
+        raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
+    if not prompts:
+        return [], DecodeStats()
+    state, _ = _start(model, prompts, mode, max(budgets), settings, seeds)
+    n_rows = len(state.rows)
+    results: dict[int, SequenceOutcome] = {}
+
+    def retire(indices: list[int]) -> None:
+        for i in indices:
+            results[state.rows[i].slot] = state.rows[i].outcome()
+        gone = set(indices)
+        keep = [i for i in range(len(state.rows)) if i not in gone]
+        if keep:
+            state.select(keep)
+        else:
+            state.rows = []
+
+    for step in range(max(budgets) + 1):
+        due = [i for i, row in enumerate(state.rows) if row.phase == _REASONING and budgets[row.group] == step]
+        if due:
+            branch = state.fork(due)
+            branch.force_answer()
+            branch.finish()
+            for row in branch.rows:
+                results[row.slot] = row.outcome()
+            gone = set(due)
+            keep = [i for i in range(len(state.rows)) if i not in gone]
+            if keep:
+                state.select(keep)
+            else:
+                state.rows = []
+        if not any(row.phase == _REASONING for row in state.rows):
+            break
+        state.step()
+        done = [i for i, row in enumerate(state.rows) if row.phase == _DONE]
+        if done:
+            retire(done)
+    # Rows left stopped reasoning by themselves: they answer in the main pass.
+    while state.rows and state.alive():
+        state.step()
+    retire([i for i in range(len(state.rows))])
+    outcomes: list[list[SequenceOutcome]] = [[] for _ in prompts]
+    for slot in range(n_rows):
+        outcomes[slot // mode.width].append(results[slot])
+    return outcomes, state.stats
+
+
 def decode_with_budgets(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -422,30 +528,8 @@ def decode_with_budgets(
     """
     if not prompts:
         return [], [], DecodeStats()
-    device = next(model.parameters()).device
-    stats = DecodeStats()
-    started = time.perf_counter()
-    cache, attention, positions, logits = _prefill(model, prompts, settings.pad_id, device, stats)
-    width = mode.width
-    max_steps = budgets[-1] + len(settings.cue_ids) + settings.max_answer_tokens + 2
-    rows: list[_Row] = []
-    for group in range(len(prompts)):
-        for sample in range(width):
-            uniforms = None
-            if mode.kind == "sc":
-                seed = 0 if seeds is None else seeds[group]
-                uniforms = np.random.default_rng([seed, sample]).random(max_steps)
-            rows.append(_Row(group=group, uniforms=uniforms, slot=len(rows)))
-    if width > 1:
-        cache.batch_repeat_interleave(width)  # type: ignore[attr-defined]
-        attention = attention.repeat_interleave(width, dim=0)
-        positions = positions.repeat_interleave(width, dim=0)
-        logits = logits.repeat_interleave(width, dim=0)
-    state = _State(model, settings, mode, rows, cache, attention, positions, logits, stats)
-    if mode.kind == "beam":
-        # All k beams start from the prompt: only the first may expand at step one.
-        for index, row in enumerate(state.rows):
-            row.score = 0.0 if index % width == 0 else float("-inf")
+    state, started = _start(model, prompts, mode, budgets[-1], settings, seeds)
+    stats = state.stats
 
     if mode.kind != "beam":
         return (*_decode_independent_rows(state, budgets, len(prompts), started), stats)

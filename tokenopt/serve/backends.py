@@ -127,8 +127,9 @@ class LocalBackend:
                 f"the prompt has {len(prompt)} tokens; with budget {budget} and the answer it does not fit "
                 f"the model's context of {self.max_context} tokens"
             )
-        key = ("forced", mode, budget, answer_cap)
-        return await self._submit("forced", key, {"prompt": prompt, "seed": seed})
+        # Greedy and sc<k> rows leave a batch at their own budgets; beams of one batch share one.
+        key = ("forced", mode, budget if mode.startswith("beam") else None, answer_cap)
+        return await self._submit("forced", key, {"prompt": prompt, "seed": seed, "budget": budget})
 
     async def generate_plain(
         self, prompt: str, max_tokens: int, n: int, temperature: float, seed: int, stop: list[str]
@@ -194,7 +195,7 @@ class LocalBackend:
                 completions = self.lm.complete(
                     [job.args["prompt"] for job in chunk],
                     mode,
-                    budget,
+                    budget if budget is not None else [job.args["budget"] for job in chunk],
                     seeds=[job.args["seed"] for job in chunk],
                     max_answer_tokens=answer_cap,
                 )
