@@ -51,10 +51,11 @@ __all__ = [
     "tale_points",
 ]
 
-DEER_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.8, 0.95)
-"""Confidence thresholds of the DEER-style rule: DEER's own 0.95, and a dense grid lower
-down, where a small LM's confidences (the demo's lie near 0.46 when unsure, above 0.99
-when sure) separate right answers from guesses."""
+DEER_THRESHOLDS = (0.0, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.95)
+"""Confidence thresholds of the DEER-style rule: 0 (answer at the first probe, the cheap
+end of its curve), DEER's own 0.95, and a dense grid between, where a small LM's
+confidences (the demo's lie near 0.46 when unsure, above 0.99 when sure) separate right
+answers from guesses."""
 
 
 @dataclass

@@ -374,7 +374,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             rows_out.append(probe_row)
             settings = _load_probe_controller(probe_policies[weight], manifest).probe
             ceiling = probe_oracle_point(test_r, settings.mode, cost_model, settings.probe_token_price)
-            entry["probe"] = _probe_verdict(probe_row, policy_row, curves) | {
+            entry["probe"] = _probe_verdict(probe_row, policy_row, rows_out, curves) | {
                 "oracle": {
                     "em": ceiling.em,
                     "tokens": ceiling.tokens,
@@ -410,6 +410,9 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             **(
                 {
                     "probe_weights_on_or_above_rules": sum(w["probe"]["on_or_above_rules"] for w in sweep_only),
+                    "probe_weights_beating_rules": sum(
+                        all(v > 0 for v in w["probe"]["reward_minus_rules"].values()) for w in sweep_only
+                    ),
                     "probe_gap_recovered_at_default": default["probe"]["gap_recovered"],
                 }
                 if probe_points
@@ -433,19 +436,25 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
 
 
 def _probe_verdict(
-    probe_row: dict[str, Any], policy_row: dict[str, Any], curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    probe_row: dict[str, Any],
+    policy_row: dict[str, Any],
+    rows: list[dict[str, Any]],
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, Any]:
     """The probe controller at one weight, against the probing rules and the per-query policy.
 
-    Its figures, its EM margin over each probing rule's curve at its own mean tokens,
-    and its reward and gap recovered minus the policy's.
+    Its figures; its EM margin over each probing rule's curve at its own mean tokens
+    (None where it is cheaper than the rule's cheapest setting: not comparable); its
+    reward minus each rule's setting picked on val; and its reward and gap recovered
+    minus the policy's.
     """
     margins = {rule: probe_row["em"] - curve_at(curves[rule], probe_row["tokens"]) for rule in PROBE_RULES}
+    rule_rewards = {row["method"]: row["reward"] for row in rows if row["method"] in PROBE_RULES}
     return {
         **{key: probe_row[key] for key in ("em", "tokens", "reward", "gap_recovered")},
-        # A controller cheaper than a rule's cheapest setting is not below that rule (margin +inf, reported as None).
         "margins": {rule: (None if math.isinf(v) else v) for rule, v in margins.items()},
         "on_or_above_rules": all(v >= -1e-9 for v in margins.values()),
+        "reward_minus_rules": {rule: probe_row["reward"] - reward for rule, reward in rule_rewards.items()},
         "reward_minus_policy": probe_row["reward"] - policy_row["reward"],
         "gap_recovered_minus_policy": probe_row["gap_recovered"] - policy_row["gap_recovered"],
     }
@@ -471,11 +480,13 @@ def _probe_sentence(probe: dict[str, Any]) -> str:
         f"{rule} {'n/a (controller cheaper than its cheapest point)' if v is None else f'{100 * v:+.1f}'}"
         for rule, v in probe["margins"].items()
     )
-    where = "on or above both" if probe["on_or_above_rules"] else "below at least one"
+    where = "on or above every comparable curve" if probe["on_or_above_rules"] else "below at least one"
+    rewards = ", ".join(f"{rule} {difference:+.3f}" for rule, difference in probe["reward_minus_rules"].items())
     ceiling = probe["oracle"]
     return (
         f"Probe controller at {probe['tokens']:.2f} tokens, EM {probe['em']:.3f}, reward {probe['reward']:.3f}; its EM "
-        f"margin over the probing rules' curves at those tokens (points): {margins} ({where}). Against the policy: "
+        f"margin over the probing rules' curves at those tokens (points): {margins} ({where}); its reward minus "
+        f"their val-picked settings': {rewards}. Against the policy: "
         f"reward {probe['reward_minus_policy']:+.3f}, gap recovered {probe['gap_recovered_minus_policy']:+.2f}. "
         f"The best exit in hindsight on its ladder, the most any controller reasoning in its mode could earn: "
         f"EM {ceiling['em']:.3f} at {ceiling['tokens']:.2f} tokens, reward {ceiling['reward']:.3f}."
@@ -513,8 +524,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [
             f"- The probe controller is on or above the curves of both probing rules ({', '.join(PROBE_RULES)}) "
             f"at its own mean tokens for **{bar['probe_weights_on_or_above_rules']} of {bar['weights']}** cost "
-            f"weights; its gap recovered at the default weight is **{bar['probe_gap_recovered_at_default']:.2f}** "
-            f"against the policy's {bar['gap_recovered_at_default']:.2f}.",
+            f"weights (a rule whose cheapest setting costs more than the controller is not compared), and earns "
+            f"a higher reward than both rules' val-picked settings for **{bar['probe_weights_beating_rules']} of "
+            f"{bar['weights']}**; its gap recovered at the default weight is "
+            f"**{bar['probe_gap_recovered_at_default']:.2f}** against the policy's "
+            f"{bar['gap_recovered_at_default']:.2f}.",
         ]
     lines += [
         "",

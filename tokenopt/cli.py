@@ -503,8 +503,9 @@ def eval_command(
     if "probe_weights_on_or_above_rules" in bar:
         lines.append(
             f"probe controller on or above the Dynasor- and DEER-style curves for "
-            f"{bar['probe_weights_on_or_above_rules']} of {bar['weights']} cost weights; gap recovered at the "
-            f"default weight {bar['probe_gap_recovered_at_default']:.2f}"
+            f"{bar['probe_weights_on_or_above_rules']} of {bar['weights']} cost weights, higher reward than both for "
+            f"{bar['probe_weights_beating_rules']}; gap recovered at the default weight "
+            f"{bar['probe_gap_recovered_at_default']:.2f}"
         )
     typer.echo("\n".join([*lines, f"report: {out / 'report.md'}"]))
 
