@@ -268,12 +268,12 @@ def test_eval_cli_scores_the_probe_controller_and_reuses_its_sweep(tmp_path, per
         methods = [r["method"] for r in entry["rows"]]
         assert "DEER-style" in methods and methods[-1] == "tokenopt probe controller"
         probe = entry["probe"]
-        assert set(probe["margins"]) == {"Dynasor-style", "DEER-style"}
+        assert set(probe["margins"]) == set(probe["reward_minus_rules"]) == {"Dynasor-style", "DEER-style"}
         assert probe["reward"] <= probe["oracle"]["reward"] + 1e-9
         policy_row = entry["rows"][0]
         assert probe["reward_minus_policy"] == pytest.approx(entry["rows"][-1]["reward"] - policy_row["reward"])
     assert "tokenopt probe controller" in report["curves"]
-    assert report["bar"]["probe_weights_on_or_above_rules"] <= 2
+    assert report["bar"]["probe_weights_on_or_above_rules"] <= 2 and report["bar"]["probe_weights_beating_rules"] <= 2
     assert report["probe_controllers"]["0.01"] == str(probe_run / "policy")
     swept = out / "sweep" / "probe-lambda-0.005" / "policy" / "policy.json"
     assert json.loads(swept.read_text())["env_id"] == "tokenopt/TokenBudgetProbe-v0"
