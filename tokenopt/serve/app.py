@@ -778,6 +778,7 @@ def build_backend(config: ServeConfig) -> Any:
             api_key=config.upstream_api_key,
             timeout=config.timeout,
             temperature=config.temperature,
+            prompt_template=config.prompt_template,
         )
     from tokenopt.lm.backend import PromptFormat, TransformersLM
 

@@ -248,6 +248,8 @@ class UpstreamBackend:
         timeout: seconds per upstream request.
         retries: retries on connection errors, 429 and 5xx, with backoff.
         temperature: sampling temperature of ``sc<k>``.
+        prompt_template: how a question becomes the upstream's prompt (for a chat
+            model, write its chat markup into the template, as at collection).
         client: an ``httpx.AsyncClient`` to use (tests pass a transport).
     """
 
@@ -262,9 +264,14 @@ class UpstreamBackend:
         timeout: float = 60.0,
         retries: int = 2,
         temperature: float = 1.0,
+        prompt_template: str = "{question}",
         client: Any = None,
     ) -> None:
         import httpx
+
+        if "{question}" not in prompt_template:
+            raise ValueError(f"prompt template {prompt_template!r} has no {{question}} placeholder")
+        self.prompt_template = prompt_template
 
         base = url.rstrip("/")
         self.url = base if base.endswith("/v1") else f"{base}/v1"
@@ -330,6 +337,7 @@ class UpstreamBackend:
     ) -> Generation:
         """Serve a question at (budget, mode) through the upstream, with budget forcing."""
         parsed = parse_mode(mode)
+        question = self.prompt_template.replace("{question}", question)
         served = parsed.name if parsed.kind != "beam" else "greedy"
         n = parsed.width if parsed.kind == "sc" else 1
         answer_tokens = min(answer_cap or self.max_answer_tokens, self.max_answer_tokens)
