@@ -168,8 +168,15 @@ class Arm:
         }
 
 
-def _load_policy(path: Path) -> BudgetPolicy:
+def _load_policy(path: Path, upstream: bool) -> BudgetPolicy:
     policy = BudgetPolicy.load(path)
+    if policy.probe is not None:
+        if upstream:
+            raise PolicyLoadError(
+                f"{path} is a probe controller; it needs each probe's answer log-probability, which the upstream "
+                "path does not read: serve it with --model (or the demo LM)"
+            )
+        return policy
     if policy.extra_inputs:
         raise PolicyLoadError(
             f"{path}: this policy needs the inputs {policy.extra_inputs} besides the prompt "
@@ -324,9 +331,8 @@ class ServerState:
             paths["B"] = self.config.policy_b
         arms = {}
         for index, (name, path) in enumerate(paths.items()):
-            arms[name] = Arm(
-                name, Path(path), _load_policy(Path(path)), np.random.default_rng([self.config.seed, index])
-            )
+            policy = _load_policy(Path(path), upstream=bool(self.config.upstream))
+            arms[name] = Arm(name, Path(path), policy, np.random.default_rng([self.config.seed, index]))
         if len(arms) == 2:
             actions = [arm.describe()["actions"] for arm in arms.values()]
             if actions[0] != actions[1]:
@@ -488,7 +494,7 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         generation, record = result
         elapsed = time.perf_counter() - started
         record.latency_ms = elapsed * 1000.0
-        await asyncio.to_thread(state.log.append, record)  # type: ignore[union-attr]
+        await asyncio.to_thread(state.log.append, record, record.checkpoints)  # type: ignore[union-attr]
         state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status="200").inc()
         state.metrics.latency.labels(arm=arm.name, endpoint=endpoint).observe(elapsed)
         state.metrics.tokens.labels(arm=arm.name, kind="reasoning").inc(generation.reasoning_tokens)
@@ -569,6 +575,8 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         holder["record"] = record
         if parsed.bypass:
             return await serve_plain(parsed, record, seed)
+        if policy.probe is not None:
+            return await serve_probe(parsed, arm, record, seed, tick)
         probabilities = policy.probabilities(features[None, :].astype(np.float64))[0]
         greedy_index = int(np.argmax(probabilities))
         index = greedy_index
@@ -603,6 +611,61 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         except BackendError as error:
             raise RequestError(500, str(error)) from None
         record.mode = generation.mode
+        _fill(record, generation)
+        return generation, record
+
+    async def serve_probe(
+        parsed: ParsedRequest, arm: Arm, record: DecisionRecord, seed: int, tick: float
+    ) -> tuple[Generation, DecisionRecord]:
+        """Reason to each checkpoint, probe, and let the controller answer or continue.
+
+        Each probe is the forced answer at that checkpoint's budget, decoded as
+        ``tokenopt collect`` decodes it, so the controller sees the probes it was
+        trained on. Usage counts the reasoning up to the exit and every probe's cue and
+        answer (what a server continuing one trace generates); the controller's
+        ``tokens_spent`` weights probes by its probe price, as in training.
+        """
+        session = arm.policy.start(parsed.prompt)
+        settings = session.settings
+        policy_ms = (time.perf_counter() - tick) * 1000.0
+        room = int(state.backend.answer_room)
+        cap = None if parsed.max_tokens is None else parsed.max_tokens - room
+        if cap is not None and cap < settings.checkpoints[0]:
+            raise RequestError(
+                422,
+                f"`max_tokens` {parsed.max_tokens} is below the controller's first checkpoint "
+                f"({settings.checkpoints[0]}) plus the answer ({room}); raise it or set tokenopt.bypass",
+                "max_tokens",
+            )
+        probe_tokens = 0.0
+        checkpoints: list[tuple[int, str, float, str]] = []
+        while True:
+            budget = session.next_budget
+            assert budget is not None
+            try:
+                generation = await state.backend.generate(parsed.prompt, budget, settings.mode, seed=seed)
+            except ValueError as error:
+                raise RequestError(413 if "context" in str(error) else 422, str(error)) from None
+            except BackendError as error:
+                raise RequestError(500, str(error)) from None
+            probe_tokens += generation.answer_tokens
+            spent = generation.reasoning_tokens + settings.probe_token_price * probe_tokens
+            tick = time.perf_counter()
+            decision = session.observe(generation.answer, generation.answer_logprob, spent, not generation.forced)
+            policy_ms += (time.perf_counter() - tick) * 1000.0
+            following = session.next_budget
+            if decision == "continue" and cap is not None and following is not None and following > cap:
+                decision = "answer (max_tokens)"
+            checkpoints.append((budget, generation.answer, generation.answer_logprob, decision))
+            if decision != "continue":
+                break
+        generation.billed_tokens = generation.reasoning_tokens + int(probe_tokens)
+        generation.answer_tokens = int(probe_tokens)
+        record.action = f"probe/b{budget}/{settings.mode}"
+        record.action_index, record.budget, record.mode = len(checkpoints) - 1, budget, settings.mode
+        record.policy_ms = policy_ms
+        record.checkpoints = checkpoints
+        state.metrics.policy_latency.labels(arm=arm.name).observe(policy_ms / 1000.0)
         _fill(record, generation)
         return generation, record
 

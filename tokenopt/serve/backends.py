@@ -57,6 +57,8 @@ class Generation:
     """The mode actually served (an upstream serves ``beam<k>`` greedily)."""
     pieces: list[str] = field(default_factory=list)
     """The text split into tokens, for streaming."""
+    answer_logprob: float = 0.0
+    """Mean log-probability of the returned answer's tokens (0 when the backend cannot tell)."""
 
 
 @dataclass
@@ -223,6 +225,7 @@ class LocalBackend:
             finish_reason="stop",
             mode=mode.name,
             pieces=pieces,
+            answer_logprob=outcome.answer_logprob,
         )
 
 

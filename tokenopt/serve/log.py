@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,12 @@ class DecisionRecord:
     """The prompt text, only with ``--log-prompts``."""
     created: float = 0.0
     """Unix time the request was received."""
+    checkpoints: list[tuple[int, str, float, str]] = field(default_factory=list, repr=False)
+    """A probe controller's checkpoints: (budget, probe answer, its log-probability,
+    decision); written to the ``checkpoints`` table, not to the row."""
 
 
-_COLUMNS = [f.name for f in fields(DecisionRecord)]
+_COLUMNS = [f.name for f in fields(DecisionRecord) if f.name != "checkpoints"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
