@@ -266,3 +266,13 @@ def test_unreachable_upstream_is_a_clear_502(tmp_path, demo_policy):
             assert "unreachable" in response.json()["error"]["message"]
     with sqlite3.connect(tmp_path / "decisions.sqlite") as connection:
         assert {row[0] for row in connection.execute("SELECT status FROM decisions")} == {502}
+
+
+def test_bypass_returns_token_logprobs_when_asked(server, demo_lm):
+    url, _, _ = server
+    body = {"prompt": QUESTIONS[5], "max_tokens": 10, "logprobs": 1, "tokenopt": {"bypass": True}}
+    choice = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]
+    plain = demo_lm.generate_plain(demo_lm.tokenizer(QUESTIONS[5])["input_ids"], 10)[0]
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"] == plain.text
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(plain.token_logprobs, abs=1e-5)
+    assert all(value <= 0 for value in choice["logprobs"]["token_logprobs"])

@@ -200,6 +200,8 @@ class ParsedRequest:
     temperature: float | None
     stream: bool
     include_usage: bool
+    logprobs: int | None
+    """Completions' ``logprobs``: return each generated token's log-probability (bypass only)."""
     user: str | None
     seed: int | None
     stop: list[str]
@@ -284,6 +286,9 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
         stops = list(stop)
     else:
         raise RequestError(422, "`stop` must be a string or a list of up to 4 strings", "stop")
+    logprobs = _field(body, "logprobs", (int,)) if endpoint == "completions" else None
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise RequestError(422, f"`logprobs` must be in [0, 5]; got {logprobs}", "logprobs")
     extension = _field(body, "tokenopt", (dict,), {})
     bypass = extension.get("bypass", False)
     if not isinstance(bypass, bool):
@@ -298,6 +303,7 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
         temperature=None if temperature is None else float(temperature),
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        logprobs=logprobs,
         user=user,
         seed=seed,
         stop=stops,
@@ -532,7 +538,7 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
                 headers=headers,
             )
         if endpoint == "completions":
-            choice: dict[str, Any] = {"index": 0, "text": generation.text, "logprobs": None}
+            choice: dict[str, Any] = {"index": 0, "text": generation.text, "logprobs": generation.token_logprobs}
             kind = "text_completion"
         else:
             choice = {"index": 0, "message": {"role": "assistant", "content": generation.text}, "logprobs": None}
@@ -699,6 +705,7 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             finish_reason=result.finish_reason,
             mode="greedy" if temperature == 0 else f"sample@{temperature:g}",
             pieces=[result.text],
+            token_logprobs=_token_logprobs(state.backend, result) if parsed.logprobs is not None else None,
         )
         record.mode = "greedy" if temperature == 0 else "sample"
         _fill(record, generation)
@@ -854,3 +861,25 @@ def build_backend(config: ServeConfig) -> Any:
     )
     lm = TransformersLM(config.model, device=config.device, dtype=config.dtype, prompt_format=prompt_format)
     return LocalBackend(lm, max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms)
+
+
+def _token_logprobs(backend: Any, result: Any) -> dict[str, Any] | None:
+    """OpenAI's completions ``logprobs`` object for a plain generation (local LM only).
+
+    The tokens are each generated token decoded alone; their concatenation is the text
+    (up to a stop string). ``top_logprobs`` is not computed (null).
+    """
+    tokenizer = getattr(getattr(backend, "lm", None), "tokenizer", None)
+    if tokenizer is None or len(result.token_logprobs) != len(result.token_ids):
+        return None
+    tokens = [str(tokenizer.decode([token])) for token in result.token_ids]
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(result.token_logprobs),
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }

@@ -59,6 +59,8 @@ class Generation:
     """The text split into tokens, for streaming."""
     answer_logprob: float = 0.0
     """Mean log-probability of the returned answer's tokens (0 when the backend cannot tell)."""
+    token_logprobs: dict[str, Any] | None = None
+    """OpenAI's completions ``logprobs`` object, for plain generations that asked for it."""
 
 
 @dataclass
