@@ -24,16 +24,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenopt.actions import build_action_table, parse_budgets, parse_modes
+from tokenopt.actions import Mode, build_action_table, parse_budgets, parse_modes
 from tokenopt.data import Query, load_questions
 from tokenopt.features import PromptFeatures
 from tokenopt.metrics import exact_match
 
-__all__ = ["OUTCOME_SCHEMA", "SCHEMA_VERSION", "CollectConfig", "CollectSummary", "collect"]
+__all__ = ["OUTCOME_SCHEMA", "SCHEMA_VERSION", "CollectConfig", "CollectSummary", "collect", "collect_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,70 @@ def _prepare_data(config: CollectConfig, out: Path) -> Path:
     return path
 
 
+def collect_shard(
+    lm: Any,
+    queries: list[Query],
+    prompts: dict[str, list[int]],
+    modes: list[Mode],
+    budgets: list[int],
+    batch_size: int,
+    seed: int,
+    advance: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """Every action's outcome for a list of queries: the rows of one shard.
+
+    ``lm`` is anything with the LM backend's ``run(prompts, mode, budgets, seeds)``
+    (the local transformers backend, or one that drives a remote server); a query's
+    sampling seed depends only on ``seed`` and its id, so where a shard is collected
+    (this process, a Ray actor) does not change its rows.
+
+    Args:
+        lm: the backend.
+        queries: the shard's queries (all with a prompt in ``prompts``).
+        prompts: prompt token ids by query id.
+        modes: the decoding modes of the action table.
+        budgets: its budgets, increasing.
+        batch_size: queries decoded together.
+        seed: the collection's seed.
+        advance: called with the number of queries each finished batch adds.
+    """
+    prompt_tokens = {query.id: len(prompts[query.id]) for query in queries}
+    records: dict[str, list[object]] = {name: [] for name in OUTCOME_SCHEMA.names}
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start : start + batch_size]
+        batch_prompts = [prompts[q.id] for q in batch]
+        seeds = [_query_seed(seed, q.id) for q in batch]
+        for mode in modes:
+            results = lm.run(batch_prompts, mode, budgets, seeds)
+            for query, per_budget in zip(batch, results, strict=True):
+                for budget in budgets:
+                    outcome = per_budget[budget]
+                    records["id"].append(query.id)
+                    records["split"].append(query.split)
+                    records["action"].append(f"b{budget}/{mode.name}")
+                    records["budget"].append(budget)
+                    records["mode"].append(mode.name)
+                    records["answer"].append(outcome.answer)
+                    records["em"].append(exact_match(outcome.answer, query.answers))
+                    records["reasoning_tokens"].append(outcome.reasoning_tokens)
+                    records["cue_tokens"].append(outcome.cue_tokens)
+                    records["answer_tokens"].append(outcome.answer_tokens)
+                    records["prompt_tokens"].append(prompt_tokens[query.id])
+                    records["billed_tokens"].append(outcome.billed_tokens)
+                    records["latency_ms"].append(outcome.latency_ms)
+                    records["confidence"].append(outcome.confidence)
+                    records["answer_logprob"].append(outcome.answer_logprob)
+                    records["natural_stop"].append(outcome.natural_stop)
+                    records["n_sequences"].append(outcome.n_sequences)
+                    records["sample_answers"].append(outcome.sample_answers)
+                    records["sample_em"].append([exact_match(a, query.answers) for a in outcome.sample_answers])
+                    records["sample_tokens"].append(outcome.sample_tokens)
+                    records["sample_logprobs"].append(outcome.sample_logprobs)
+        if advance is not None:
+            advance(len(batch))
+    return pa.table(records, schema=OUTCOME_SCHEMA)
+
+
 def collect(config: CollectConfig, progress: Callable[[int, int], None] | None = None) -> CollectSummary:
     """Collect the outcome table.
 
@@ -293,6 +358,13 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
     shards = [queries[i : i + config.shard_size] for i in range(0, len(queries), config.shard_size)]
     written = reused = rows_total = 0
     done = 0
+
+    def advance(batch_done: int) -> None:
+        nonlocal done
+        done += batch_done
+        if progress is not None:
+            progress(done, len(queries))
+
     for index, shard in enumerate(shards):
         path = shard_dir / f"part-{index:05d}.parquet"
         if path.exists():
@@ -302,43 +374,9 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
             if progress is not None:
                 progress(done, len(queries))
             continue
-        records: dict[str, list[object]] = {name: [] for name in OUTCOME_SCHEMA.names}
         runnable = [q for q in shard if q.id in prompts]
-        for start in range(0, len(runnable), config.batch_size):
-            batch = runnable[start : start + config.batch_size]
-            batch_prompts = [prompts[q.id] for q in batch]
-            seeds = [_query_seed(config.seed, q.id) for q in batch]
-            for mode in modes:
-                results = lm.run(batch_prompts, mode, budgets, seeds)
-                for query, per_budget in zip(batch, results, strict=True):
-                    for budget in budgets:
-                        outcome = per_budget[budget]
-                        records["id"].append(query.id)
-                        records["split"].append(query.split)
-                        records["action"].append(f"b{budget}/{mode.name}")
-                        records["budget"].append(budget)
-                        records["mode"].append(mode.name)
-                        records["answer"].append(outcome.answer)
-                        records["em"].append(exact_match(outcome.answer, query.answers))
-                        records["reasoning_tokens"].append(outcome.reasoning_tokens)
-                        records["cue_tokens"].append(outcome.cue_tokens)
-                        records["answer_tokens"].append(outcome.answer_tokens)
-                        records["prompt_tokens"].append(prompt_tokens[query.id])
-                        records["billed_tokens"].append(outcome.billed_tokens)
-                        records["latency_ms"].append(outcome.latency_ms)
-                        records["confidence"].append(outcome.confidence)
-                        records["answer_logprob"].append(outcome.answer_logprob)
-                        records["natural_stop"].append(outcome.natural_stop)
-                        records["n_sequences"].append(outcome.n_sequences)
-                        records["sample_answers"].append(outcome.sample_answers)
-                        records["sample_em"].append([exact_match(a, query.answers) for a in outcome.sample_answers])
-                        records["sample_tokens"].append(outcome.sample_tokens)
-                        records["sample_logprobs"].append(outcome.sample_logprobs)
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(queries))
+        table = collect_shard(lm, runnable, prompts, modes, budgets, config.batch_size, config.seed, advance)
         done += len(shard) - len(runnable)
-        table = pa.table(records, schema=OUTCOME_SCHEMA)
         _write_atomic(table, path)
         written += 1
         rows_total += table.num_rows
