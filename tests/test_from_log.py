@@ -10,7 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tokenopt.agents.from_log import FromLogConfig, PolicyNetwork, greedy_snips, refine_from_log
+from tokenopt.agents.from_log import (
+    FromLogConfig,
+    PolicyNetwork,
+    greedy_snips,
+    refine_from_log,
+    snips_gain_interval,
+)
 from tokenopt.agents.pipeline import export_run
 from tokenopt.agents.train import TrainConfig, train
 from tokenopt.cli import app
@@ -131,9 +137,13 @@ def test_refinement_learns_the_cheap_action_where_feedback_says_so(refined, serv
     assert kept[confident].mean() >= 0.95
     # the held-out estimate sees the gain; the rows left out are counted
     assert result.holdout_new["reward"] > result.holdout_old["reward"] + 0.1
+    assert result.verdict == "better" and result.holdout_gain_interval is not None
+    assert 0 < result.holdout_gain_interval[0] < result.holdout_gain < result.holdout_gain_interval[1]
     assert result.rows == {"arm": 3002, "decided": 3000, "capped": 0, "with_feedback": 3000, "train": 2400,
                            "holdout": 600}  # fmt: skip
-    assert result.warnings == [] and result.stochastic_share == 1.0 and 0.1 < result.off_greedy_share < 0.3
+    assert result.stochastic_share == 1.0 and 0.1 < result.off_greedy_share < 0.3
+    # the new choices on chain rest on the few explored rows there: the estimate says so
+    assert len(result.warnings) == 1 and "effective rows" in result.warnings[0] and "A/B test" in result.warnings[0]
 
 
 def test_the_refined_policy_is_exported_in_the_runtime_format(refined, served_policy, questions):
@@ -164,6 +174,20 @@ def test_greedy_snips_weights_matching_rows_by_their_propensity():
     assert result["reward"] == pytest.approx((2 * 1.0 + 4 * 0.4) / 6)
     assert result["effective_rows"] == pytest.approx(36 / 20)
     assert greedy_snips(probabilities, np.array([1, 0, 1]), propensity, {"reward": np.ones(3)})["reward"] is None
+
+
+def test_the_gain_interval_brackets_a_clear_difference_and_is_seeded():
+    rng = np.random.default_rng(0)
+    rows = 400
+    actions = rng.integers(0, 2, size=rows)
+    propensity = np.full(rows, 0.5)
+    rewards = np.where(actions == 1, 0.9, 0.3) + rng.normal(0, 0.05, size=rows)
+    old = np.tile([0.9, 0.1], (rows, 1))  # greedy action 0 (worth 0.3)
+    new = np.tile([0.1, 0.9], (rows, 1))  # greedy action 1 (worth 0.9)
+    low, high = snips_gain_interval(old, new, actions, propensity, rewards, seed=3)
+    assert 0.5 < low < 0.6 < high < 0.7
+    assert snips_gain_interval(old, new, actions, propensity, rewards, seed=3) == (low, high)
+    assert snips_gain_interval(old, new, np.zeros(rows, dtype=int), propensity, rewards) is None
 
 
 def test_seeded_refinement_is_deterministic_and_the_cli_writes_the_run(served_policy, demo_table, tmp_path):

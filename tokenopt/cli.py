@@ -430,11 +430,15 @@ def _train_from_log(
             f"({values['matched_rows']} matching rows, effective {values['effective_rows']:.0f})"
         )
 
+    gain = f"new - old: {result.verdict}"
+    if result.holdout_gain is not None and result.holdout_gain_interval is not None:
+        low, high = result.holdout_gain_interval
+        gain += f" ({result.holdout_gain:+.3f} reward, 95% interval [{low:+.3f}, {high:+.3f}])"
     typer.echo(
         f"refined {result.init_policy_id!r} on {result.rows['train']} logged rows of arm {arm} "
         f"({result.seconds:.1f} s); {result.rows['holdout']} held-out rows, self-normalised IPS of the greedy policy:\n"
         f"  old: {figures(result.holdout_old)}\n  new: {figures(result.holdout_new)}\n"
-        f"the refinement changed {100 * result.changed_decisions:.1f}% of the held-out decisions\n"
+        f"the refinement changed {100 * result.changed_decisions:.1f}% of the held-out decisions; {gain}\n"
         f"policy {result.policy_id!r}: {result.policy_dir}; figures: {out / 'from_log.json'}"
     )
 
