@@ -287,7 +287,7 @@ class ArmSummary:
     latency_p50_ms: float
     latency_p99_ms: float
     explored: int = 0
-    """Requests whose propensity is below 1 (the server explored)."""
+    """Requests served with exploration on (propensity below 1)."""
 
 
 @dataclass
@@ -430,7 +430,8 @@ def ab_report(path: str | Path, alpha: float = 0.05) -> ABReport:
         counts = ", ".join(f"{arm}: {arms[arm].requests}" for arm in ARMS)
         raise ValueError(
             f"{path} has no policy-decided status-200 request of arm {' or '.join(missing)} ({counts}; arms in the "
-            f"log: {present or 'none'}); an A/B report needs both arms: serve a second policy as arm B"
+            f"log: {present or 'none'}); an A/B report needs both arms: serve a second policy with "
+            "`tokenopt serve --policy-b`"
         )
     notes: list[str] = []
     for arm, summary in arms.items():
@@ -438,6 +439,11 @@ def ab_report(path: str | Path, alpha: float = 0.05) -> ABReport:
             notes.append(
                 f"arm {arm}: left out {summary.bypassed} bypassed and {summary.errors} non-200 requests"
             )  # fmt: skip
+        if summary.explored:
+            notes.append(
+                f"arm {arm}: {summary.explored} of {summary.requests} requests were served with exploration on "
+                "(propensity below 1: a share got a random action); the arms are compared as served"
+            )
         if len(summary.policy_ids) > 1:
             notes.append(f"arm {arm} was decided by several policies: {summary.policy_ids}")
     em_test = _em_test(arms["A"], arms["B"], alpha)
