@@ -276,3 +276,18 @@ def test_bypass_returns_token_logprobs_when_asked(server, demo_lm):
     assert "".join(choice["logprobs"]["tokens"]) == choice["text"] == plain.text
     assert choice["logprobs"]["token_logprobs"] == pytest.approx(plain.token_logprobs, abs=1e-5)
     assert all(value <= 0 for value in choice["logprobs"]["token_logprobs"])
+
+
+def test_a_log_from_a_newer_schema_is_refused(tmp_path):
+    from tokenopt.serve.log import LOG_VERSION, DecisionLog
+
+    DecisionLog(tmp_path / "log.sqlite").close()
+    with sqlite3.connect(tmp_path / "log.sqlite") as connection:
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'log_version'", (str(LOG_VERSION + 1),))
+    with pytest.raises(ValueError, match="version"):
+        read_decisions(tmp_path / "log.sqlite")
+    with pytest.raises(ValueError, match="version"):
+        DecisionLog(tmp_path / "log.sqlite")
+    (tmp_path / "junk.sqlite").write_text("not a database")
+    with pytest.raises(ValueError, match="not a tokenopt decision log"):
+        read_decisions(tmp_path / "junk.sqlite")

@@ -275,6 +275,9 @@ def read_decisions(path: str | Path) -> LoggedDecisions:
     finally:
         if "connection" in locals():
             connection.close()
+    version = int(meta.get("log_version", LOG_VERSION))
+    if version > LOG_VERSION:
+        raise ValueError(f"{path} has decision-log version {version}; this tokenopt reads up to {LOG_VERSION}")
     vectors = [np.frombuffer(row[9], dtype=np.float32) for row in rows]
     if vectors and any(v.shape != vectors[0].shape for v in vectors):
         sizes = sorted({v.shape[0] for v in vectors})
