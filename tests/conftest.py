@@ -53,3 +53,21 @@ def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> P
     run = tmp_path_factory.mktemp("serve_policy") / "run"
     train(TrainConfig(table=str(demo_table), out=str(run), total_timesteps=12_288, eval_freq=4096, seed=0))
     return export_run(run)
+
+
+@pytest.fixture(scope="session")
+def probe_training(tmp_path_factory: pytest.TempPathFactory, demo_table: Path):
+    """A probe controller trained briefly on the demo table (about 20 s on 2 cores), exported: (run, result)."""
+    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("probe") / "run"
+    result = train(TrainConfig(table=str(demo_table), out=str(run), env="probe", total_timesteps=24_576))
+    export_run(run)
+    return run, result
+
+
+@pytest.fixture(scope="session")
+def probe_run(probe_training) -> Path:
+    """The run folder of ``probe_training`` (its exported policy is ``RUN/policy``)."""
+    return probe_training[0]

@@ -120,21 +120,18 @@ def test_bad_settings_are_named(demo_table, replay):
         env.step(np.int64(2))
 
 
-def test_learned_controller_beats_the_two_probes_agree_rule(tmp_path, demo_table, replay):
+def test_learned_controller_beats_the_two_probes_agree_rule(probe_training, replay):
     from tokenopt.agents.baselines import dynasor_points
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import TrainConfig, train
     from tokenopt.cost import CostModel
     from tokenopt.runtime import BudgetPolicy
 
-    run = tmp_path / "probe"
-    result = train(TrainConfig(table=str(demo_table), out=str(run), env="probe", total_timesteps=24_576))
+    run, result = probe_training
     val = replay.subset("val")
     rule = next(p for p in dynasor_points(val) if p.setting == "greedy, from b0, 2 agree")
     rule_reward = float(CostModel(0.01).reward(rule.exact_match, rule.billed_tokens).mean())
     # The learned stop beats the rule it generalises, on the same queries and bill (demo: 0.67 vs 0.54).
     assert result.best_metrics["reward"] > rule_reward + 0.05
-    policy = BudgetPolicy.load(export_run(run))
+    policy = BudgetPolicy.load(run / "policy")
     assert policy.extra_inputs == PROBE_INPUTS
     assert policy.probabilities(np.zeros((1, val.matrix.features.shape[1] + len(PROBE_INPUTS)))).shape == (1, 2)
     with pytest.raises(ValueError, match="answer or continue"):

@@ -26,15 +26,6 @@ def replay(demo_table):
     return ReplayTable.load(demo_table, OutcomeMatrix.from_table(demo_table))
 
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory, demo_table):
-    """A probe controller trained briefly (about 20 s on 2 cores), exported."""
-    run = tmp_path_factory.mktemp("probe") / "run"
-    train(TrainConfig(table=str(demo_table), out=str(run), env="probe", total_timesteps=24_576))
-    export_run(run)
-    return run
-
-
 def _probe(session, replay, query, ladder, step):
     """Report the table's probe at a checkpoint, with the tokens billed so far (probe price 1)."""
     column = ladder[step]

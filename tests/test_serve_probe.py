@@ -17,13 +17,8 @@ QUESTIONS = [item["question"] for item in generate_suite(SuiteConfig(n_queries=1
 
 
 @pytest.fixture(scope="module")
-def probe_policy(tmp_path_factory, demo_table):
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import TrainConfig, train
-
-    run = tmp_path_factory.mktemp("serve_probe") / "run"
-    train(TrainConfig(table=str(demo_table), out=str(run), env="probe", total_timesteps=8192, eval_freq=4096))
-    return export_run(run)
+def probe_policy(probe_run):
+    return probe_run / "policy"
 
 
 def _replay(policy, lm, question):
