@@ -78,6 +78,17 @@ def collect(
     seed: Annotated[int, typer.Option(help="Seed of the split hash and of sampling.")] = 0,
     strict: Annotated[bool, typer.Option(help="Fail on a prompt too long for the context (default: skip it).")] = False,
     split: Annotated[list[str] | None, typer.Option(help="Collect only this split (repeatable). Default: all.")] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="Collect from this OpenAI-compatible server (vLLM, TGI, llama.cpp) instead of --model."),
+    ] = None,
+    upstream_model: Annotated[
+        str | None, typer.Option(help="Model name sent to --upstream. Default: the first of its /v1/models.")
+    ] = None,
+    upstream_api_key: Annotated[
+        str | None, typer.Option(envvar="TOKENOPT_UPSTREAM_API_KEY", help="Bearer token for --upstream.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once against --upstream.")] = 16,
 ) -> None:
     """Run every (budget, mode) action on every query and write the outcome table.
 
@@ -87,6 +98,7 @@ def collect(
     """
     from tokenopt.collect import CollectConfig
     from tokenopt.collect import collect as run_collect
+    from tokenopt.lm.upstream import UpstreamError
 
     try:
         config = CollectConfig(
@@ -108,9 +120,19 @@ def collect(
             seed=seed,
             strict=strict,
             splits=list(split) if split else None,
+            upstream=upstream,
+            upstream_model=upstream_model,
+            upstream_api_key=upstream_api_key,
+            concurrency=concurrency,
         )
         out.mkdir(parents=True, exist_ok=True)
-        (out / "command.txt").write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
+        argv = list(sys.argv[1:])
+        for index, word in enumerate(argv):  # command.txt must not hold the upstream's key
+            if word.startswith("--upstream-api-key="):
+                argv[index] = "--upstream-api-key=***"
+            elif index > 0 and sys.argv[index] == "--upstream-api-key":
+                argv[index] = "***"
+        (out / "command.txt").write_text(" ".join(["tokenopt", *argv]) + "\n", encoding="utf-8")
         with _progress() as progress:
             task = progress.add_task("collect", total=None)
 
@@ -118,7 +140,7 @@ def collect(
                 progress.update(task, completed=done, total=total)
 
             summary = run_collect(config, progress=report)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, UpstreamError, ImportError) as error:
         _fail(error)
         return
     if summary.skipped:

@@ -113,6 +113,14 @@ class CollectConfig:
     """Fail on a prompt that does not fit the context instead of skipping it."""
     splits: list[str] | None = None
     """Collect only these splits; None collects all."""
+    upstream: str | None = None
+    """Base URL of an OpenAI-compatible completions server to collect from instead of a local model."""
+    upstream_model: str | None = None
+    """Model name sent to the upstream; None takes the first of its /v1/models."""
+    upstream_api_key: str | None = None
+    """Bearer token of the upstream (never written to the manifest)."""
+    concurrency: int = 16
+    """Requests in flight at once against the upstream."""
 
 
 @dataclass
@@ -292,17 +300,36 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
         if not queries:
             raise ValueError(f"no query of {data_path} is in the splits {config.splits}")
 
-    lm = TransformersLM(config.model, config.device, config.dtype, prompt_format, config.temperature)
+    lm: Any
+    if config.upstream is not None:
+        from tokenopt.lm.upstream import UpstreamLM
+
+        if config.model is not None:
+            raise ValueError("--model and --upstream exclude each other: the upstream server holds the model")
+        lm = UpstreamLM(
+            config.upstream,
+            config.upstream_model,
+            prompt_format,
+            config.temperature,
+            config.upstream_api_key,
+            config.concurrency,
+            modes=modes,
+        )
+        backend = lm.describe()
+    else:
+        lm = TransformersLM(config.model, config.device, config.dtype, prompt_format, config.temperature)
+        backend = {"kind": "transformers", "model": lm.name, "dtype": str(lm.dtype).replace("torch.", "")}
     extractor = PromptFeatures()
-    settings = {
-        key: value for key, value in asdict(config).items() if key not in {"out", "device", "batch_size", "strict"}
-    }
+    # Where and how fast the LM runs does not change the rows (the model name is in model_name).
+    unrecorded = {"out", "device", "batch_size", "strict", "concurrency"}
+    unrecorded |= {"upstream", "upstream_model", "upstream_api_key"}
+    settings = {key: value for key, value in asdict(config).items() if key not in unrecorded}
     settings["data_sha256"] = _sha256(data_path)
     settings["model_name"] = lm.name
     manifest_path = out / "manifest.json"
     manifest: dict[str, object] = {
         "schema_version": SCHEMA_VERSION,
-        "backend": {"kind": "transformers", "model": lm.name, "dtype": str(lm.dtype).replace("torch.", "")},
+        "backend": backend,
         "settings": settings,
         "actions": [{"name": a.name, "budget": a.budget, "mode": a.mode} for a in actions],
         "feature_spec": extractor.spec.to_dict(),
@@ -322,8 +349,7 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
 
     prompts: dict[str, list[int]] = {}
     skipped: list[str] = []
-    for query in queries:
-        ids = lm.encode_prompt(query.question)
+    for query, ids in zip(queries, lm.encode_prompts([q.question for q in queries]), strict=True):
         if not lm.fits(ids, budgets[-1]):
             message = (
                 f"query {query.id!r}: prompt of {len(ids)} tokens + budget {budgets[-1]} + cue + "

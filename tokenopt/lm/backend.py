@@ -244,6 +244,10 @@ class TransformersLM:
             return list(ids["input_ids"] if isinstance(ids, dict) else ids)
         return list(self.tokenizer(text)["input_ids"])
 
+    def encode_prompts(self, questions: list[str]) -> list[list[int]]:
+        """Token ids of the prompt of each question."""
+        return [self.encode_prompt(question) for question in questions]
+
     def fits(self, prompt_ids: list[int], max_budget: int) -> bool:
         """Whether prompt, the largest budget, the cue and an answer fit in the context."""
         needed = len(prompt_ids) + max_budget + len(self.settings.cue_ids) + self.settings.max_answer_tokens + 1

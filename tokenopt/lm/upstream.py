@@ -1,0 +1,532 @@
+"""Outcome collection against an OpenAI-compatible completions server (vLLM, TGI, llama.cpp, tokenopt serve).
+
+Per (query, mode) sample, the client sends one *trace* request at the largest budget
+``B`` with ``max_tokens = B + max_answer_tokens`` and token log-probabilities, then one
+short *branch* request per budget that the trace did not answer by itself: the prompt,
+the trace cut at that budget and the answer cue, with ``max_tokens = max_answer_tokens``.
+A server with prefix caching (``vllm serve --enable-prefix-caching``) reads the shared
+prefix of those requests from its cache, which is what makes them cheap.
+
+The rules and the billing are those of :mod:`tokenopt.lm.decoding`:
+
+- the trace wrote the cue within the first ``b`` tokens: the answer that follows it
+  in the trace request is the outcome at ``b`` (natural stop); reasoning is counted
+  up to the cue;
+- the trace ended (EOS, ``finish_reason: stop``) within the first ``b`` tokens: a
+  branch with the whole trace and the cue (natural stop);
+- otherwise a branch with the trace's first ``b`` tokens and the cue (forced);
+- an answer ends at EOS (not billed), at a token holding a newline (billed, not part
+  of the answer) or after ``max_answer_tokens`` tokens.
+
+The cue's tokens are what the server's ``usage.prompt_tokens`` of a branch adds to the
+prompt and the cut trace. The trace is sent back as text, so the branch equals a local
+run when the server tokenises prompt + trace + cue into the same tokens it generated
+(true of character-level and most BPE vocabularies at word boundaries).
+
+``greedy`` reproduces :class:`tokenopt.lm.backend.TransformersLM`'s outcomes; ``sc<k>``
+sends k seeded samples (one request each, since llama.cpp's server and tokenopt's
+bypass take ``n=1`` only) with the same billing and vote, but the server's sampler
+draws other tokens than the local one; ``beam<k>`` has no portable OpenAI parameter
+and is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tokenopt.actions import Mode
+from tokenopt.lm.backend import ModeOutcome, PromptFormat, _vote
+
+__all__ = ["UpstreamError", "UpstreamLM", "UpstreamPrompt", "UpstreamStats"]
+
+logger = logging.getLogger(__name__)
+
+
+class UpstreamError(RuntimeError):
+    """The upstream server is unreachable or answered something collection cannot use."""
+
+
+@dataclass(frozen=True)
+class UpstreamPrompt:
+    """A prompt as the upstream sees it: its text and its token count (from the server's usage)."""
+
+    text: str
+    tokens: int
+
+    def __len__(self) -> int:
+        return self.tokens
+
+
+@dataclass
+class UpstreamStats:
+    """Work counters: requests sent and tokens the server processed (prompt + completion)."""
+
+    forward_tokens: int = 0
+    """Prompt and completion tokens of every request (before any prefix caching)."""
+    requests: int = 0
+    """Requests answered."""
+    retries: int = 0
+    """Requests retried after a connection error, 429 or 5xx."""
+
+
+@dataclass
+class _Completion:
+    tokens: list[str]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    done_ms: float
+
+
+@dataclass
+class _Sequence:
+    reasoning_tokens: int
+    cue_tokens: int
+    answer: str
+    answer_logprob: float
+    answer_token_count: int
+    billed_answer_tokens: int
+    natural_stop: bool
+    done_ms: float = field(default=0.0, compare=False)
+
+
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:
+        raise ImportError("--upstream needs httpx: pip install 'tokenopt[serve]'") from None
+    return httpx
+
+
+def _sample_seed(query_seed: int, sample: int) -> int:
+    digest = hashlib.blake2b(f"{query_seed}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**31)
+
+
+class UpstreamLM:
+    """Collects outcomes from an OpenAI-compatible ``/v1/completions`` endpoint.
+
+    It has what :func:`tokenopt.collect.collect_shard` and ``collect`` use of an LM
+    backend: ``name``, ``max_context``, ``encode_prompts``, ``fits``, ``run`` and ``stats``.
+
+    Args:
+        url: the server's base URL (with or without ``/v1``).
+        model: the model name to request; None takes the first of ``/v1/models``.
+        prompt_format: prompt template, cue and answer rules (no chat template: write
+            a chat model's markup into the template).
+        temperature: sampling temperature of ``sc<k>``.
+        api_key: bearer token of the server.
+        concurrency: most requests in flight at once.
+        retries: retries of a request after a connection error, a 429 or a 5xx.
+        backoff_s: the first retry's wait; each next one waits twice as long.
+        timeout_s: seconds per request.
+        modes: the modes to be collected, checked here so that a beam mode is refused
+            before any work.
+
+    Raises:
+        ValueError: a chat template, a bad setting or a ``beam<k>`` mode.
+        UpstreamError: the server cannot be reached or refuses the key.
+    """
+
+    kind = "openai-upstream"
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        prompt_format: PromptFormat | None = None,
+        temperature: float = 1.0,
+        api_key: str | None = None,
+        concurrency: int = 16,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 120.0,
+        modes: list[Mode] | None = None,
+    ) -> None:
+
+        self.prompt_format = prompt_format or PromptFormat()
+        if self.prompt_format.use_chat_template:
+            raise ValueError(
+                "--chat-template needs a local tokenizer; with --upstream write the chat markup into --prompt-template"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1; got {concurrency}")
+        if retries < 0 or backoff_s < 0:
+            raise ValueError(f"retries and backoff must be >= 0; got {retries} and {backoff_s}")
+        for mode in modes or []:
+            self.check_mode(mode)
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/v1") else f"{base}/v1"
+        self.temperature = temperature
+        self.concurrency = concurrency
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.headers = {"X-Tokenopt-Bypass": "1"}  # a tokenopt server upstream serves plain completions
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.stats = UpstreamStats()
+        self.max_context: int | None = None
+        listed = self._list_models()
+        if model is None:
+            if not listed:
+                raise ValueError(f"{self.url}/models lists no model; name one with --upstream-model")
+            model = str(listed[0].get("id"))
+        for entry in listed:
+            if entry.get("id") == model and isinstance(entry.get("max_model_len"), int):
+                self.max_context = int(entry["max_model_len"])  # vLLM reports its context here
+        self.name = model
+
+    def describe(self) -> dict[str, object]:
+        """The manifest's ``backend`` entry."""
+        return {"kind": self.kind, "url": self.url, "model": self.name, "max_context": self.max_context}
+
+    @staticmethod
+    def check_mode(mode: Mode) -> None:
+        """Refuse a mode an OpenAI-compatible server cannot run.
+
+        Raises:
+            ValueError: a ``beam<k>`` mode.
+        """
+        if mode.kind == "beam":
+            raise ValueError(
+                f"mode {mode.name!r}: beam search has no portable OpenAI completions parameter, so --upstream "
+                "cannot collect it; drop it from --modes (greedy and sc<k> work) or collect it with a local --model"
+            )
+
+    def _list_models(self) -> list[dict[str, Any]]:
+        httpx = _httpx()
+        try:
+            response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=min(self.timeout_s, 30.0))
+        except httpx.HTTPError as error:
+            raise UpstreamError(
+                f"cannot reach the upstream {self.url}: {type(error).__name__}: {error}; start the server "
+                "(e.g. `vllm serve MODEL --port 8001 --enable-prefix-caching`) or fix --upstream"
+            ) from None
+        if response.status_code in (401, 403):
+            raise UpstreamError(
+                f"the upstream {self.url} refused the API key ({response.status_code}); "
+                "set --upstream-api-key or TOKENOPT_UPSTREAM_API_KEY"
+            )
+        if response.status_code != 200:
+            return []  # servers without /v1/models (tokenopt serve): the model name comes from --upstream-model
+        try:
+            data = response.json().get("data", [])
+        except (ValueError, AttributeError):
+            return []
+        return [entry for entry in data if isinstance(entry, dict)] if isinstance(data, list) else []
+
+    # -- prompts ---------------------------------------------------------------
+
+    def prompt_text(self, question: str) -> str:
+        """The prompt text of a question."""
+        return self.prompt_format.template.replace("{question}", question)
+
+    def encode_prompts(self, questions: list[str]) -> list[UpstreamPrompt]:
+        """Each question's prompt with its token count, read from the server's usage.
+
+        One one-token completion per prompt (which also warms a prefix cache).
+        """
+        texts = [self.prompt_text(question) for question in questions]
+
+        async def count(client: Any, semaphore: asyncio.Semaphore, text: str) -> UpstreamPrompt:
+            data = await self._post(client, semaphore, {"prompt": text, "max_tokens": 1, "temperature": 0.0})
+            return UpstreamPrompt(text, self._prompt_tokens(data))
+
+        async def count_all() -> list[UpstreamPrompt]:
+            async with self._client() as client:
+                semaphore = asyncio.Semaphore(self.concurrency)
+                return list(await asyncio.gather(*(count(client, semaphore, text) for text in texts)))
+
+        return asyncio.run(count_all()) if texts else []
+
+    def encode_prompt(self, question: str) -> UpstreamPrompt:
+        """One question's prompt and its token count."""
+        return self.encode_prompts([question])[0]
+
+    def fits(self, prompt: UpstreamPrompt, max_budget: int) -> bool:
+        """Whether prompt, largest budget, cue and answer fit the context (True when the server hides it)."""
+        if self.max_context is None:
+            return True
+        return len(prompt) + max_budget + self.prompt_format.max_answer_tokens + 8 <= self.max_context
+
+    # -- HTTP --------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        httpx = _httpx()
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        return httpx.AsyncClient(headers=self.headers, timeout=self.timeout_s, limits=limits)
+
+    async def _post(self, client: Any, semaphore: asyncio.Semaphore, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a completion; retry connection errors, 429 and 5xx with exponential backoff."""
+        httpx = _httpx()
+        body = {"model": self.name, **body}
+        delay = self.backoff_s
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(delay)
+                delay *= 2
+            async with semaphore:
+                try:
+                    response = await client.post(f"{self.url}/completions", json=body)
+                except httpx.HTTPError as error:
+                    problem = f"upstream {self.url} unreachable: {type(error).__name__}: {error}"
+                    continue
+            if response.status_code == 200:
+                try:
+                    data = response.json()
+                except ValueError:
+                    raise UpstreamError(
+                        f"upstream {self.url} answered 200 with malformed JSON: {response.text[:200]!r}"
+                    ) from None
+                if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+                    raise UpstreamError(
+                        f"upstream {self.url} answered 200 without completion choices: {response.text[:200]!r}"
+                    )
+                self.stats.requests += 1
+                usage = data.get("usage")
+                usage = usage if isinstance(usage, dict) else {}
+                self.stats.forward_tokens += int(usage.get("prompt_tokens") or 0)
+                self.stats.forward_tokens += int(usage.get("completion_tokens") or 0)
+                return data
+            problem = f"upstream {self.url} answered {response.status_code}: {response.text[:300]!r}"
+            if response.status_code != 429 and response.status_code < 500:
+                raise UpstreamError(problem)
+        raise UpstreamError(f"{problem} (after {self.retries} retries)")
+
+    def _prompt_tokens(self, data: dict[str, Any]) -> int:
+        usage = data.get("usage")
+        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if not isinstance(tokens, int) or tokens < 1:
+            raise UpstreamError(f"upstream {self.url} answered without usage.prompt_tokens: {str(data)[:200]!r}")
+        return tokens
+
+    def _completion(self, data: dict[str, Any], started: float) -> _Completion:
+        choice = data["choices"][0]
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+        values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+        if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
+            raise UpstreamError(
+                f"upstream {self.url} answered without token logprobs (asked with `logprobs: 1`); collection "
+                "needs them to cut the trace at each budget: use a server that returns them (vLLM, TGI, "
+                "llama.cpp's server, tokenopt serve)"
+            )
+        finish = str(choice.get("finish_reason") or "length")
+        token_texts = [str(token) for token in tokens]
+        floats = [float(value) if value is not None else 0.0 for value in values]
+        if finish == "stop" and token_texts and token_texts[-1] == "":
+            token_texts, floats = token_texts[:-1], floats[:-1]  # an EOS some servers list, decoded to ""
+        return _Completion(
+            tokens=token_texts,
+            logprobs=floats,
+            finish_reason=finish,
+            prompt_tokens=self._prompt_tokens(data),
+            done_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    # -- collection ----------------------------------------------------------------
+
+    def _read_answer(self, tokens: list[str], logprobs: list[float]) -> tuple[str, float, int, int]:
+        """Answer text, its log-probability sum, its token count and its billed tokens.
+
+        The tokens are those after the cue; their end without a newline is EOS or the cap.
+        """
+        kept: list[str] = []
+        logprob = 0.0
+        billed = 0
+        for token, value in zip(tokens, logprobs, strict=True):
+            billed += 1
+            if "\n" in token:
+                break
+            kept.append(token)
+            logprob += value
+            if billed >= self.prompt_format.max_answer_tokens:
+                break
+        return self._extract(kept), logprob, len(kept), billed
+
+    def _extract(self, answer_tokens: list[str]) -> str:
+        import re
+
+        text = "".join(answer_tokens).strip()
+        if self.prompt_format.answer_regex is None:
+            return text
+        match = re.search(self.prompt_format.answer_regex, text)
+        if match is None:
+            return ""
+        return (match.group(1) if match.groups() else match.group(0)).strip()
+
+    def _find_cue(self, tokens: list[str], limit: int) -> tuple[int, int] | None:
+        """(reasoning tokens, cue tokens) where the trace wrote the cue within its first ``limit`` tokens."""
+        cue = self.prompt_format.answer_cue
+        text = ""
+        for end, token in enumerate(tokens[:limit], start=1):
+            text += token
+            if not text.endswith(cue):
+                continue
+            # The cue must be whole tokens, as the local decoder matches the cue's token ids.
+            tail = ""
+            for start in range(end - 1, -1, -1):
+                tail = tokens[start] + tail
+                if tail == cue:
+                    return start, end - start
+                if len(tail) >= len(cue):
+                    break
+        return None
+
+    async def _sample(
+        self,
+        client: Any,
+        semaphore: asyncio.Semaphore,
+        prompt: UpstreamPrompt,
+        budgets: list[int],
+        temperature: float,
+        seed: int,
+        started: float,
+    ) -> dict[int, _Sequence]:
+        """One sequence's outcome at every budget: a trace request, then the branches it needs."""
+        cue = self.prompt_format.answer_cue
+        cap = self.prompt_format.max_answer_tokens
+        largest = budgets[-1]
+        trace = _Completion([], [], "length", len(prompt), 0.0)
+        if largest > 0:
+            body = {
+                "prompt": prompt.text,
+                "max_tokens": largest + cap,
+                "temperature": temperature,
+                "seed": seed,
+                "logprobs": 1,
+            }
+            trace = self._completion(await self._post(client, semaphore, body), started)
+            if trace.finish_reason != "stop" and len(trace.tokens) < largest + cap:
+                raise UpstreamError(
+                    f"upstream {self.url} returned {len(trace.tokens)} tokens for max_tokens {largest + cap} "
+                    f"with finish_reason {trace.finish_reason!r}"
+                )
+        found = self._find_cue(trace.tokens, largest)
+        natural: _Sequence | None = None
+        if found is not None:
+            reasoning, cue_tokens = found
+            after = reasoning + cue_tokens
+            answer, logprob, count, billed = self._read_answer(trace.tokens[after:], trace.logprobs[after:])
+            natural = _Sequence(reasoning, cue_tokens, answer, logprob, count, billed, True, trace.done_ms)
+            ended_at = after
+        elif trace.finish_reason == "stop" and len(trace.tokens) < largest:
+            ended_at = len(trace.tokens) + 1  # the EOS is the step that ends the reasoning
+        else:
+            ended_at = largest + 1  # still reasoning at the largest budget
+        cuts = sorted({budget if budget < ended_at else len(trace.tokens) for budget in budgets})
+        if natural is not None:
+            cuts = [cut for cut in cuts if cut < ended_at]
+
+        async def branch(cut: int) -> tuple[int, _Sequence]:
+            body = {
+                "prompt": prompt.text + "".join(trace.tokens[:cut]) + cue,
+                "max_tokens": cap,
+                "temperature": temperature,
+                "seed": seed,
+                "logprobs": 1,
+            }
+            forced = self._completion(await self._post(client, semaphore, body), started)
+            cue_tokens = forced.prompt_tokens - len(prompt) - cut
+            if cue_tokens < 1:
+                raise UpstreamError(
+                    f"upstream {self.url} counted {forced.prompt_tokens} prompt tokens for a prompt of "
+                    f"{len(prompt)} tokens + {cut} trace tokens + the cue {cue!r}: it tokenises the trace "
+                    "differently from how it generated it"
+                )
+            answer, logprob, count, billed = self._read_answer(forced.tokens, forced.logprobs)
+            return cut, _Sequence(cut, cue_tokens, answer, logprob, count, billed, False, forced.done_ms)
+
+        branches = dict(await asyncio.gather(*(branch(cut) for cut in cuts)))
+        outcome: dict[int, _Sequence] = {}
+        for budget in budgets:
+            if budget < ended_at:
+                outcome[budget] = branches[budget]
+            elif natural is not None:
+                outcome[budget] = natural
+            else:
+                # The trace ended (EOS) before this budget: the whole trace, then the cue.
+                # (The local decoder also feeds the EOS before the cue; a text prompt cannot.)
+                outcome[budget] = replace(branches[len(trace.tokens)], natural_stop=True)
+        return outcome
+
+    def _summarise(self, sequences: list[_Sequence], mode: Mode) -> ModeOutcome:
+        """Bill and vote as :meth:`tokenopt.lm.backend.TransformersLM._summarise` does."""
+        answers = [sequence.answer for sequence in sequences]
+        mean_logprobs = [s.answer_logprob / max(1, s.answer_token_count) for s in sequences]
+        if mode.kind == "sc":
+            chosen, confidence = _vote(list(zip(answers, mean_logprobs, strict=True)))
+        else:
+            chosen, confidence = 0, mean_logprobs[0]
+        reasoning = sum(s.reasoning_tokens for s in sequences)
+        cue = sum(s.cue_tokens for s in sequences)
+        answer_tokens = sum(s.billed_answer_tokens for s in sequences)
+        return ModeOutcome(
+            answer=answers[chosen],
+            reasoning_tokens=reasoning,
+            cue_tokens=cue,
+            answer_tokens=answer_tokens,
+            billed_tokens=reasoning + cue + answer_tokens,
+            confidence=float(confidence),
+            answer_logprob=float(mean_logprobs[chosen]),
+            natural_stop=all(s.natural_stop for s in sequences),
+            n_sequences=mode.width,
+            latency_ms=max(s.done_ms for s in sequences),
+            sample_answers=answers,
+            sample_tokens=[s.reasoning_tokens + s.cue_tokens + s.billed_answer_tokens for s in sequences],
+            sample_logprobs=[float(lp) for lp in mean_logprobs],
+        )
+
+    def run(
+        self, prompts: list[UpstreamPrompt], mode: Mode, budgets: list[int], seeds: list[int] | None = None
+    ) -> list[dict[int, ModeOutcome]]:
+        """Each prompt's outcome at every budget in one mode (requests run concurrently).
+
+        Raises:
+            ValueError: a ``beam<k>`` mode.
+            UpstreamError: the server failed past the retries, or answered without
+                JSON, choices, usage or token logprobs.
+        """
+        self.check_mode(mode)
+        temperature = self.temperature if mode.kind == "sc" else 0.0
+        query_seeds = seeds if seeds is not None else [0] * len(prompts)
+
+        async def one_query(client: Any, semaphore: asyncio.Semaphore, index: int) -> dict[int, ModeOutcome]:
+            started = time.perf_counter()
+            per_sample = await asyncio.gather(
+                *(
+                    self._sample(
+                        client,
+                        semaphore,
+                        prompts[index],
+                        budgets,
+                        temperature,
+                        _sample_seed(query_seeds[index], sample),
+                        started,
+                    )
+                    for sample in range(mode.width)
+                )
+            )
+            return {budget: self._summarise([s[budget] for s in per_sample], mode) for budget in budgets}
+
+        async def all_queries() -> list[dict[int, ModeOutcome]]:
+            async with self._client() as client:
+                semaphore = asyncio.Semaphore(self.concurrency)
+                tasks = [asyncio.ensure_future(one_query(client, semaphore, i)) for i in range(len(prompts))]
+                try:
+                    return list(await asyncio.gather(*tasks))
+                finally:
+                    for task in tasks:
+                        task.cancel()
+
+        return asyncio.run(all_queries()) if prompts else []
