@@ -291,3 +291,30 @@ def test_a_log_from_a_newer_schema_is_refused(tmp_path):
     (tmp_path / "junk.sqlite").write_text("not a database")
     with pytest.raises(ValueError, match="not a tokenopt decision log"):
         read_decisions(tmp_path / "junk.sqlite")
+
+
+def test_bypass_samples_n_choices_and_the_proxy_votes_over_them(tmp_path, server, demo_policy, demo_lm):
+    url, _, _ = server
+    body = {"prompt": QUESTIONS[6], "max_tokens": 12, "n": 3, "temperature": 1.0, "seed": 4}
+    reply = httpx.post(f"{url}/v1/completions", json=body, headers={"X-Tokenopt-Bypass": "1"}).json()
+    plain = demo_lm.generate_plain(demo_lm.tokenizer(QUESTIONS[6])["input_ids"], 12, n=3, temperature=1.0, seed=4)
+    assert [c["text"] for c in reply["choices"]] == [p.text for p in plain]
+    assert reply["usage"]["completion_tokens"] == sum(len(p.token_ids) for p in plain)
+    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "M 1 2?", "n": 2, "temperature": 1.0})
+    assert refused.status_code == 422 and "policy picks" in refused.json()["error"]["message"]
+    greedy_n = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 0}, headers={"X-Tokenopt-Bypass": "1"})
+    assert greedy_n.status_code == 422
+    # A proxy in front of this server serves sc<k> with n = k and votes on the forced answers.
+    from tokenopt.serve.backends import UpstreamBackend
+
+    async def sc3() -> object:
+        backend = UpstreamBackend(url, model="demo")
+        try:
+            return await backend.generate(QUESTIONS[6], 8, "sc3", seed=4)
+        finally:
+            await backend.aclose()
+
+    import asyncio
+
+    generation = asyncio.run(sc3())
+    assert generation.mode == "sc3" and generation.billed_tokens > 0 and isinstance(generation.answer, str)

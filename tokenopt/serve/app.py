@@ -268,8 +268,6 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
     if max_tokens is not None and not 1 <= max_tokens <= 1_000_000:
         raise RequestError(422, f"`max_tokens` must be in [1, 1000000]; got {max_tokens}", "max_tokens")
     n = _field(body, "n", (int,), 1)
-    if n != 1:
-        raise RequestError(422, f"`n` must be 1 (the policy picks the decoding mode); got {n}", "n")
     temperature = _field(body, "temperature", (int, float))
     if temperature is not None and not 0 <= temperature <= 2:
         raise RequestError(422, f"`temperature` must be in [0, 2]; got {temperature}", "temperature")
@@ -293,6 +291,12 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
     bypass = extension.get("bypass", False)
     if not isinstance(bypass, bool):
         raise RequestError(422, "`tokenopt.bypass` must be a boolean", "tokenopt")
+    if n != 1 and not (bypass or bypass_header):
+        raise RequestError(422, f"`n` must be 1 (the policy picks the decoding mode); got {n}", "n")
+    if not 1 <= n <= 16:
+        raise RequestError(422, f"`n` must be in [1, 16]; got {n}", "n")
+    if n > 1 and (stream or not temperature):
+        raise RequestError(422, f"`n` = {n} needs sampling (temperature > 0) and no streaming", "n")
     return ParsedRequest(
         endpoint=endpoint,
         model=str(body.get("model") or ""),
@@ -537,19 +541,30 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
                 media_type="text/event-stream",
                 headers=headers,
             )
+        served = generation.choices or [(generation.text, generation.finish_reason, generation.token_logprobs)]
         if endpoint == "completions":
-            choice: dict[str, Any] = {"index": 0, "text": generation.text, "logprobs": generation.token_logprobs}
+            choices = [
+                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+                for i, (text, finish, logprobs) in enumerate(served)
+            ]
             kind = "text_completion"
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": generation.text}, "logprobs": None}
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+                for i, (text, finish, _) in enumerate(served)
+            ]
             kind = "chat.completion"
-        choice["finish_reason"] = generation.finish_reason
         payload = {
             "id": request_id,
             "object": kind,
             "created": created,
             "model": model_name,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage,
             "tokenopt": decision,
         }
@@ -683,7 +698,7 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         record.policy_id, record.budget = "bypass", max_tokens
         try:
             results = await state.backend.generate_plain(
-                parsed.raw_prompt, max_tokens, 1, temperature, seed, parsed.stop
+                parsed.raw_prompt, max_tokens, parsed.n, temperature, seed, parsed.stop
             )
         except ValueError as error:
             raise RequestError(413 if "context" in str(error) else 422, str(error)) from None
@@ -707,6 +722,16 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             pieces=[result.text],
             token_logprobs=_token_logprobs(state.backend, result) if parsed.logprobs is not None else None,
         )
+        if len(results) > 1:
+            generation.billed_tokens = generation.reasoning_tokens = sum(len(r.token_ids) for _, r in results)
+            generation.choices = [
+                (
+                    r.text,
+                    r.finish_reason,
+                    _token_logprobs(state.backend, r) if parsed.logprobs is not None else None,
+                )
+                for _, r in results
+            ]
         record.mode = "greedy" if temperature == 0 else "sample"
         _fill(record, generation)
         return generation, record

@@ -61,6 +61,8 @@ class Generation:
     """Mean log-probability of the returned answer's tokens (0 when the backend cannot tell)."""
     token_logprobs: dict[str, Any] | None = None
     """OpenAI's completions ``logprobs`` object, for plain generations that asked for it."""
+    choices: list[tuple[str, str, dict[str, Any] | None]] | None = None
+    """Every choice (text, finish reason, logprobs) of a plain request with ``n`` > 1."""
 
 
 @dataclass
