@@ -89,6 +89,23 @@ def collect(
         str | None, typer.Option(envvar="TOKENOPT_UPSTREAM_API_KEY", help="Bearer token for --upstream.")
     ] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once against --upstream.")] = 16,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            help="Spread the shards over Ray workers: --ray starts Ray here, --ray ADDRESS joins a cluster. "
+            "Needs pip install 'tokenopt[ray]'."
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        # Typer has no option with an optional value, so --ray is a flag and the address an argument after it.
+        typer.Argument(help="With --ray: host:port, ray://host:port, auto, or local (the default)."),
+    ] = None,
+    ray_workers: Annotated[int, typer.Option(help="Ray workers with --ray, each loading the model once.")] = 2,
+    cpus_per_worker: Annotated[
+        float, typer.Option(help="CPUs each Ray worker reserves (fractional leaves Ray's own tasks a CPU).")
+    ] = 0.5,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray worker reserves (it decodes there).")] = 0.0,
 ) -> None:
     """Run every (budget, mode) action on every query and write the outcome table.
 
@@ -139,7 +156,15 @@ def collect(
             def report(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            summary = run_collect(config, progress=report)
+            if ray_address is not None and not ray:
+                raise ValueError(f"unexpected argument {ray_address!r}: a Ray address follows --ray")
+            if ray:
+                from tokenopt.collect_ray import RayConfig, collect_ray
+
+                ray_config = RayConfig(ray_address, ray_workers, cpus_per_worker, gpus_per_worker)
+                summary = collect_ray(config, ray_config, progress=report)
+            else:
+                summary = run_collect(config, progress=report)
     except (ValueError, FileNotFoundError, UpstreamError, ImportError) as error:
         _fail(error)
         return

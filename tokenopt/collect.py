@@ -258,12 +258,25 @@ def collect_shard(
     return pa.table(records, schema=OUTCOME_SCHEMA)
 
 
-def collect(config: CollectConfig, progress: Callable[[int, int], None] | None = None) -> CollectSummary:
+ShardRunner = Callable[[list[tuple[Path, list[Query]]], dict[str, list[int]], Callable[[int], None]], tuple[int, int]]
+"""Collects and writes pending shards elsewhere (see :mod:`tokenopt.collect_ray`): called with
+``(shard path, runnable queries)`` pairs, the prompts and ``advance``; returns (rows, forward tokens)."""
+
+
+def collect(
+    config: CollectConfig,
+    progress: Callable[[int, int], None] | None = None,
+    shard_runner: ShardRunner | None = None,
+    runner_info: dict[str, object] | None = None,
+) -> CollectSummary:
     """Collect the outcome table.
 
     Args:
         config: the settings.
         progress: called as ``progress(queries_done, queries_total)``.
+        shard_runner: collects the shards not yet written (e.g. on Ray workers)
+            instead of this process; the rows do not depend on where a shard runs.
+        runner_info: what the manifest records under ``runner`` about the shard runner.
 
     Returns:
         What was done.
@@ -336,6 +349,8 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
         "data": str(data_path),
         "complete": False,
     }
+    if runner_info is not None:
+        manifest["runner"] = runner_info
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text(encoding="utf-8"))
         old_settings = previous.get("settings", {})
@@ -384,6 +399,7 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
     shards = [queries[i : i + config.shard_size] for i in range(0, len(queries), config.shard_size)]
     written = reused = rows_total = 0
     done = 0
+    pending: list[tuple[Path, list[Query]]] = []
 
     def advance(batch_done: int) -> None:
         nonlocal done
@@ -401,11 +417,20 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
                 progress(done, len(queries))
             continue
         runnable = [q for q in shard if q.id in prompts]
+        if shard_runner is not None:
+            pending.append((path, runnable))
+            done += len(shard) - len(runnable)
+            continue
         table = collect_shard(lm, runnable, prompts, modes, budgets, config.batch_size, config.seed, advance)
         done += len(shard) - len(runnable)
         _write_atomic(table, path)
         written += 1
         rows_total += table.num_rows
+    runner_tokens = 0
+    if shard_runner is not None and pending:
+        runner_rows, runner_tokens = shard_runner(pending, prompts, advance)
+        written += len(pending)
+        rows_total += runner_rows
 
     manifest.update(
         {
@@ -425,5 +450,5 @@ def collect(config: CollectConfig, progress: Callable[[int, int], None] | None =
         shards_written=written,
         shards_reused=reused,
         seconds=time.perf_counter() - started,
-        forward_tokens=lm.stats.forward_tokens,
+        forward_tokens=lm.stats.forward_tokens + runner_tokens,
     )
