@@ -35,7 +35,7 @@ import numpy as np
 from tokenopt.actions import parse_mode
 from tokenopt.cost import CostModel
 from tokenopt.outcomes import ReplayTable
-from tokenopt.runtime import ANSWER, BudgetPolicy
+from tokenopt.runtime import ANSWER, ESCALATE, BudgetPolicy
 
 __all__ = [
     "DEER_THRESHOLDS",
@@ -361,11 +361,14 @@ def probe_controller_point(
     Each query's session starts from the question text and is told the table's probe
     at each checkpoint (answer, mean log-probability, tokens billed so far, natural
     stop) until it answers; it is billed as TokenBudgetProbe-v0 and the probing rules
-    bill.
+    bill. A controller that escalates is billed as the environment bills it: what it
+    billed so far plus the full bill of the fixed action (checkpoint budget, escalate
+    mode), whose exact match it gets (and whose column ``actions`` records).
 
     Raises:
         ValueError: the policy is not a probe controller, its checkpoints are not the
-            table's budgets of its mode, or a query has no question.
+            table's budgets of its mode (or of its escalate mode), or a query has no
+            question.
     """
     if policy.probe is None:
         raise ValueError(f"{policy.policy_id} is not a probe controller (trained on {policy.spec.get('env_id')!r})")
@@ -378,6 +381,18 @@ def probe_controller_point(
             f"the controller's checkpoints {list(settings.checkpoints)} are not the table's {settings.mode} budgets "
             f"{[int(replay.budgets[j]) for j in ladder]}"
         )
+    escalate_column: dict[int, int] = {}
+    if settings.escalate_mode is not None:
+        if settings.escalate_mode not in replay.mode_names:
+            raise ValueError(
+                f"the controller escalates to mode {settings.escalate_mode!r}; the table has {replay.mode_names}"
+            )
+        escalate_column = {int(replay.budgets[j]): j for j in replay.ladder(settings.escalate_mode)}
+        absent = [budget for budget in settings.checkpoints if budget not in escalate_column]
+        if absent:
+            raise ValueError(
+                f"the table has no {settings.escalate_mode} action at the controller's checkpoints {absent}"
+            )
     missing = [query_id for query_id in replay.matrix.ids if query_id not in questions]
     if missing:
         raise ValueError(f"{len(missing)} queries have no question in queries.parquet, e.g. {missing[0]!r}")
@@ -397,6 +412,11 @@ def probe_controller_point(
             if decision == ANSWER:
                 columns[i], billed[i] = j, _exit_bill(replay, i, ladder, step, settings.probe_token_price)
                 break
+            if decision == ESCALATE:
+                # The escalated mode reasons afresh from the prompt: its whole bill comes on top.
+                columns[i] = escalate_column[int(replay.budgets[j])]
+                billed[i] = spent + replay.matrix.billed_tokens[i, columns[i]]
+                break
     rows = np.arange(n)
     return OperatingPoint(
         "tokenopt probe controller", setting, replay.matrix.exact_match[rows, columns], billed, columns
@@ -404,28 +424,43 @@ def probe_controller_point(
 
 
 def probe_oracle_point(
-    replay: ReplayTable, mode: str, cost_model: CostModel, probe_token_price: float = 1.0
+    replay: ReplayTable,
+    mode: str,
+    cost_model: CostModel,
+    probe_token_price: float = 1.0,
+    escalate_mode: str | None = None,
 ) -> OperatingPoint:
     """Each query's best exit in hindsight on ``mode``'s ladder, billed as the probe environment bills.
 
     The most any probe controller reasoning in ``mode`` could earn: it may answer at
     any checkpoint up to the first where the LM stopped by itself (the earliest of
-    equally rewarded ones), paying for every probe on the way.
+    equally rewarded ones), paying for every probe on the way. With ``escalate_mode``
+    it may also escalate at any checkpoint before that one, billed as the environment
+    bills escalation (everything so far plus the fixed action's full bill).
     """
     ladder = replay.ladder(mode)
+    escalate_of = {} if escalate_mode is None else {int(replay.budgets[j]): j for j in replay.ladder(escalate_mode)}
     n = len(replay.matrix.ids)
     columns = np.empty(n, dtype=np.int64)
     billed = np.empty(n)
     for i in range(n):
         last = next(k for k, j in enumerate(ladder) if k == len(ladder) - 1 or replay.natural_stop[i, j])
-        bills = np.array([_exit_bill(replay, i, ladder, k, probe_token_price) for k in range(last + 1)])
-        em = replay.matrix.exact_match[i, ladder[: last + 1]]
+        options = [(ladder[k], _exit_bill(replay, i, ladder, k, probe_token_price)) for k in range(last + 1)]
+        if escalate_mode is not None:
+            spent = 0.0
+            for k in range(last):
+                j = ladder[k]
+                spent += probe_token_price * replay.probe_tokens[i, j]
+                column = escalate_of[int(replay.budgets[j])]
+                reasoned = replay.reasoning_tokens[i, j] + spent
+                options.append((column, reasoned + replay.matrix.billed_tokens[i, column]))
+        em = replay.matrix.exact_match[i, [column for column, _ in options]]
+        bills = np.array([bill for _, bill in options])
         best = int(np.argmax(cost_model.reward(em, bills, replay.matrix.prompt_tokens[i])))
-        columns[i], billed[i] = ladder[best], bills[best]
+        columns[i], billed[i] = options[best]
     rows = np.arange(n)
-    return OperatingPoint(
-        "probe oracle", f"{mode}, best exit", replay.matrix.exact_match[rows, columns], billed, columns
-    )
+    setting = f"{mode}, best exit" + ("" if escalate_mode is None else f" or escalation to {escalate_mode}")
+    return OperatingPoint("probe oracle", setting, replay.matrix.exact_match[rows, columns], billed, columns)
 
 
 def _majority_probability(leader: int, runner_up: int) -> float:

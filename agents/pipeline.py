@@ -86,20 +86,28 @@ def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
         "answer_tokens": int(settings.get("max_answer_tokens", 8)) + 1,
         "extra_inputs": _EXTRA_INPUTS.get(env, []),
         "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
-        "probe": _probe_settings(run.manifest) if env == "probe" else None,
+        "probe": _probe_settings(run.manifest, run.config) if env == "probe" else None,
     }
 
 
-def _probe_settings(manifest: dict[str, Any]) -> dict[str, object]:
+def _probe_settings(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, object]:
     """What a probe controller's runtime session needs to build its environment's observation.
 
     ``train --env probe`` builds TokenBudgetProbe-v0 with its default mode and probe
-    price, so the checkpoints are that mode's budgets in the table's action table.
+    price, so the checkpoints are that mode's budgets in the table's action table; an
+    ``escalate_mode`` given with ``--set`` is recorded only when set, so controllers
+    without one export as before.
     """
     from tokenopt.envs.probe import DEFAULT_MODE, DEFAULT_PROBE_TOKEN_PRICE
 
     checkpoints = sorted(int(action["budget"]) for action in manifest["actions"] if action["mode"] == DEFAULT_MODE)
-    return {"mode": DEFAULT_MODE, "checkpoints": checkpoints, "probe_token_price": DEFAULT_PROBE_TOKEN_PRICE}
+    settings: dict[str, object] = {
+        "mode": DEFAULT_MODE, "checkpoints": checkpoints, "probe_token_price": DEFAULT_PROBE_TOKEN_PRICE
+    }  # fmt: skip
+    escalate_mode = (config.get("resolved_hyperparams") or {}).get("escalate_mode")
+    if escalate_mode is not None:
+        settings["escalate_mode"] = str(escalate_mode)
+    return settings
 
 
 def export_run(run_dir: str | Path, onnx: bool = False) -> Path:

@@ -373,9 +373,12 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             )  # fmt: skip
             rows_out.append(probe_row)
             settings = _load_probe_controller(probe_policies[weight], manifest).probe
-            ceiling = probe_oracle_point(test_r, settings.mode, cost_model, settings.probe_token_price)
+            ceiling = probe_oracle_point(
+                test_r, settings.mode, cost_model, settings.probe_token_price, settings.escalate_mode
+            )
             entry["probe"] = _probe_verdict(probe_row, policy_row, rows_out, curves) | {
                 "oracle": {
+                    "setting": ceiling.setting,
                     "em": ceiling.em,
                     "tokens": ceiling.tokens,
                     "reward": _reward(ceiling, cost_model, prompt["test"]),
@@ -488,7 +491,8 @@ def _probe_sentence(probe: dict[str, Any]) -> str:
         f"margin over the probing rules' curves at those tokens (points): {margins} ({where}); its reward minus "
         f"their val-picked settings': {rewards}. Against the policy: "
         f"reward {probe['reward_minus_policy']:+.3f}, gap recovered {probe['gap_recovered_minus_policy']:+.2f}. "
-        f"The best exit in hindsight on its ladder, the most any controller reasoning in its mode could earn: "
+        f"The best exit in hindsight on its ladder ({ceiling.get('setting', 'best exit')}), the most any controller "
+        f"reasoning in its mode (and escalating as it may) could earn: "
         f"EM {ceiling['em']:.3f} at {ceiling['tokens']:.2f} tokens, reward {ceiling['reward']:.3f}."
     )
 

@@ -122,10 +122,13 @@ _PPO_KEYS = {
     "vf_coef", "max_grad_norm", "target_kl",
 }  # fmt: skip
 _OTHER_KEYS = {"n_timesteps", "n_envs", "normalize", "policy_kwargs", "policy"}
+_ENV_KEYS = {"escalate_mode"}
+"""Environment arguments accepted beside the hyperparameters, as RL Zoo's ``env_kwargs``:
+``escalate_mode`` (``--env probe`` only) gives TokenBudgetProbe-v0 its escalate action."""
 
 
 def _check_keys(hyperparams: dict[str, Any], where: str) -> None:
-    known = sorted(_PPO_KEYS | _OTHER_KEYS)
+    known = sorted(_PPO_KEYS | _OTHER_KEYS | _ENV_KEYS)
     for key in hyperparams:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -243,7 +246,7 @@ def _stream_validator(config: TrainConfig, matrix: OutcomeMatrix, episodes: int 
     return validate
 
 
-def _probe_validator(config: TrainConfig, replay: Any) -> Validator:
+def _probe_validator(config: TrainConfig, replay: Any, escalate_mode: str | None = None) -> Validator:
     """Validation on TokenBudgetProbe-v0: one episode per val query (and per train sample query).
 
     Gap recovered compares with the full action table's best fixed action and oracle,
@@ -254,8 +257,12 @@ def _probe_validator(config: TrainConfig, replay: Any) -> Validator:
     cost_model = CostModel(config.cost_weight, config.token_price)
     envs = {
         split: TokenBudgetProbeEnv(
-            replay=replay, split=split, cost_weight=config.cost_weight, token_price=config.token_price
-        )  # fmt: skip
+            replay=replay,
+            split=split,
+            cost_weight=config.cost_weight,
+            token_price=config.token_price,
+            escalate_mode=escalate_mode,
+        )
         for split in ("val", "train")
     }
     reference_em = float(replay.subset("val").matrix.exact_match[:, _max_budget_greedy(replay.matrix)].mean())
@@ -485,6 +492,11 @@ def train(
     _check_keys(hyperparams, config.config_file)
     _check_keys(config.hyperparams, "the overrides")
     hyperparams.update(config.hyperparams)
+    escalate_mode = hyperparams.get("escalate_mode")
+    if escalate_mode is not None and config.env != "probe":
+        raise ValueError(f"escalate_mode applies to --env probe, not --env {config.env}")
+    if escalate_mode is not None and not isinstance(escalate_mode, str):
+        raise ValueError(f"escalate_mode must be a mode name such as beam3; got {escalate_mode!r}")
     manifest = load_manifest(config.table)
     if matrix is None:
         matrix = OutcomeMatrix.from_table(config.table)
@@ -518,7 +530,9 @@ def train(
         replay = ReplayTable.load(config.table, matrix)
         env_class = TokenBudgetProbeEnv
         env_kwargs = {"replay": replay, "split": "train", "cost_weight": config.cost_weight,
-                      "token_price": config.token_price}  # fmt: skip
+                      "token_price": config.token_price, "escalate_mode": escalate_mode}  # fmt: skip
+        TokenBudgetProbeEnv(**env_kwargs)  # a bad escalate_mode fails here, with the environment's message
+    hyperparams.pop("escalate_mode", None)
     n_envs = int(hyperparams.pop("n_envs", 8))
     total = int(config.total_timesteps or hyperparams.pop("n_timesteps", 60000))
     hyperparams.pop("n_timesteps", None)
@@ -570,7 +584,7 @@ def train(
     elif config.env == "stream":
         validate = _stream_validator(config, matrix)
     else:
-        validate = _probe_validator(config, replay)
+        validate = _probe_validator(config, replay, escalate_mode)
     callback = _make_callback(config, run_dir, validate, vec_env, hparams, progress)
     model.learn(total_timesteps=total, callback=callback)
     best = callback.best_metrics

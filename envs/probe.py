@@ -22,7 +22,7 @@ DEFAULT_MODE = "greedy"
 DEFAULT_PROBE_TOKEN_PRICE = 1.0
 """Probe tokens cost what generated tokens cost unless told otherwise."""
 
-ANSWER, CONTINUE = 0, 1
+ANSWER, CONTINUE, ESCALATE = 0, 1, 2
 
 
 class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
@@ -34,10 +34,15 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
     appended to the trace so far and the forced answer read, as ``tokenopt collect``
     does for every budget, so an outcome table already holds every probe and this
     environment replays it. After each probe the agent answers with it or lets the
-    LM reason to the next checkpoint.
+    LM reason to the next checkpoint. With ``escalate_mode``, it may also escalate:
+    give up on this trace and answer with another decoding mode at the current
+    checkpoint's budget (the DEER/Dynasor rules can only stop; a query the reasoning
+    mode gets wrong at every budget may be right in another mode even at budget 0).
 
     ## Action Space
-    ``Discrete(2)``: 0 answers with the current probe's answer, 1 continues.
+    ``Discrete(2)``: 0 answers with the current probe's answer, 1 continues. With
+    ``escalate_mode``, ``Discrete(3)``: 2 escalates, answering with the outcome of the
+    fixed action (current checkpoint's budget, ``escalate_mode``) of the table.
 
     ## Observation Space
     ``Box(float32 min, float32 max, (feature_dim + 7,), float32)``: the prompt's features, then
@@ -57,12 +62,20 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
     in full. Probes are not free: with the default price, probing every checkpoint
     of a long ladder can cost more than the reasoning it saves.
     Answering adds the exact match of the returned answer (0 or 1).
+    Escalating adds that fixed action's exact match and is charged its full billed
+    tokens on top of everything billed so far (the reasoning and every probe,
+    this checkpoint's included, at the probe price): the escalated mode reasons again
+    from the prompt, since a trace of one mode cannot be continued in another (beam
+    search or self-consistency sampling starts from the prompt).
 
     ## Episode End
     ``terminated`` when the agent answers, when the LM has stopped reasoning by itself
     (reasoning on would change nothing, so the probe is the answer), or at the
-    largest budget. ``info`` has ``em``, ``billed_tokens``, ``budget``, ``checkpoint``
-    and ``query_id``.
+    largest budget. At such a checkpoint the probe answers whatever the action (the
+    runtime session does not ask the controller there), so escalation happens only
+    at a checkpoint the agent could have continued from. ``info`` has ``em``,
+    ``billed_tokens``, ``budget``, ``checkpoint``, ``escalated`` (whether the answer
+    came from ``escalate_mode``) and ``query_id``.
 
     ## Arguments
     - ``table``: an outcome-table folder, or ``replay``: a loaded :class:`ReplayTable`.
@@ -70,9 +83,12 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
     - ``mode``: the decoding mode whose budgets are the checkpoints (default greedy).
     - ``cost_weight``, ``token_price``: the cost model; ``probe_token_price``: the
       weight of a probe's tokens relative to generated tokens.
+    - ``escalate_mode``: a mode of the table, other than ``mode``, with a budget at
+      every checkpoint, to escalate to (action 2); None (default): no escalation.
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version; ``escalate_mode`` added later (optional, off by default,
+      so v0 behaves as before).
     """
 
     metadata = {"render_modes": []}
@@ -86,6 +102,7 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         token_price: float = 1.0,
         probe_token_price: float = DEFAULT_PROBE_TOKEN_PRICE,
         replay: ReplayTable | None = None,
+        escalate_mode: str | None = None,
     ) -> None:
         if (table is None) == (replay is None):
             raise ValueError("give exactly one of table (a folder) or replay (a loaded ReplayTable)")
@@ -101,6 +118,9 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         self.ladder = replay.ladder(mode)
         if len(self.ladder) < 2:
             raise ValueError(f"mode {mode!r} has {len(self.ladder)} budget(s); probing needs at least 2 checkpoints")
+        self.escalate_mode = escalate_mode
+        self.escalate_columns = _escalate_columns(replay, mode, self.ladder, escalate_mode)
+        """Per checkpoint: the action column escalation answers with (empty without ``escalate_mode``)."""
         self.cost_model = CostModel(cost_weight, token_price)
         self.probe_token_price = float(probe_token_price)
         if not np.isfinite(self.probe_token_price) or self.probe_token_price < 0:
@@ -112,7 +132,7 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         dim = self.features.shape[1] + len(PROBE_INPUTS)
         limit = np.finfo(np.float32).max
         self.observation_space = spaces.Box(-limit, limit, (dim,), np.float32)
-        self.action_space = spaces.Discrete(2)
+        self.action_space = spaces.Discrete(2 if escalate_mode is None else 3)
         self._query = 0
         self._step = 0
         self._billed = 0.0
@@ -170,10 +190,13 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         answers there: nothing is left to decide.
         """
         if not self.action_space.contains(action):
-            raise ValueError(f"action {action!r} is not 0 (answer) or 1 (continue)")
+            allowed = "0 (answer) or 1 (continue)" if self.escalate_mode is None else "0, 1 or 2 (escalate)"
+            raise ValueError(f"action {action!r} is not {allowed}")
         i = self._query
         reward = -self.cost_model.cost_weight * float(self.cost_model.cost(np.asarray(self._unpaid)))
         self._unpaid = 0.0
+        if int(action) == ESCALATE and not self._settled():
+            return self._escalate(reward)
         if int(action) == CONTINUE and not self._settled():
             before = self.replay.answers[i, self.ladder[self._step]]
             self._step += 1
@@ -193,6 +216,48 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
             "billed_tokens": self._billed + adjust,
             "budget": int(self.replay.budgets[column]),
             "checkpoint": self._step,
+            "escalated": False,
             "query_id": self.replay.matrix.ids[i],
         }
         return self._observation(), reward, True, False, info
+
+    def _escalate(self, reward: float) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Answer with the fixed action (current budget, ``escalate_mode``): its EM, its full bill on top."""
+        i, column = self._query, self.escalate_columns[self._step]
+        added = float(self.replay.matrix.billed_tokens[i, column])
+        em = float(self.replay.matrix.exact_match[i, column])
+        reward += em - self.cost_model.cost_weight * float(self.cost_model.cost(np.asarray(added)))
+        info = {
+            "em": em,
+            "billed_tokens": self._billed + added,
+            "budget": int(self.replay.budgets[column]),
+            "checkpoint": self._step,
+            "escalated": True,
+            "query_id": self.replay.matrix.ids[i],
+        }
+        return self._observation(), reward, True, False, info
+
+
+def _escalate_columns(replay: ReplayTable, mode: str, ladder: list[int], escalate_mode: str | None) -> list[int]:
+    """The column of (checkpoint budget, ``escalate_mode``) for each checkpoint of ``mode``'s ladder.
+
+    Raises:
+        ValueError: ``escalate_mode`` is not in the table, is ``mode`` itself, or lacks a
+            checkpoint's budget.
+    """
+    if escalate_mode is None:
+        return []
+    if escalate_mode not in replay.mode_names:
+        raise ValueError(f"escalate_mode {escalate_mode!r} is not in the table; it has {replay.mode_names}")
+    if escalate_mode == mode:
+        others = [name for name in replay.mode_names if name != mode]
+        raise ValueError(f"escalate_mode {escalate_mode!r} is the reasoning mode itself; pick another: {others}")
+    column_of = {int(replay.budgets[j]): j for j in replay.ladder(escalate_mode)}
+    budgets = [int(replay.budgets[j]) for j in ladder]
+    missing = [budget for budget in budgets if budget not in column_of]
+    if missing:
+        raise ValueError(
+            f"escalate_mode {escalate_mode!r} has no action at the checkpoint budgets {missing} of mode {mode!r} "
+            f"(it has {sorted(column_of)}); escalation answers at the current checkpoint's budget"
+        )
+    return [column_of[budget] for budget in budgets]

@@ -68,6 +68,21 @@ def probe_training(tmp_path_factory: pytest.TempPathFactory, demo_table: Path):
 
 
 @pytest.fixture(scope="session")
+def escalating_probe_training(tmp_path_factory: pytest.TempPathFactory, demo_table: Path):
+    """A probe controller that may escalate to beam3, trained and exported like ``probe_training``: (run, result)."""
+    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("probe_escalate") / "run"
+    config = TrainConfig(
+        table=str(demo_table), out=str(run), env="probe", total_timesteps=24_576, hyperparams={"escalate_mode": "beam3"}
+    )
+    result = train(config)
+    export_run(run)
+    return run, result
+
+
+@pytest.fixture(scope="session")
 def probe_run(probe_training) -> Path:
     """The run folder of ``probe_training`` (its exported policy is ``RUN/policy``)."""
     return probe_training[0]

@@ -18,7 +18,7 @@ from tokenopt.cost import CostModel
 from tokenopt.envs import TokenBudgetProbeEnv
 from tokenopt.envs.probe import CONTINUE as ENV_CONTINUE
 from tokenopt.outcomes import OutcomeMatrix, ReplayTable
-from tokenopt.runtime import ANSWER, CONTINUE, PROBE_INPUTS, BudgetPolicy, PolicyLoadError
+from tokenopt.runtime import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS, BudgetPolicy, PolicyLoadError
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +278,66 @@ def test_eval_cli_scores_the_probe_controller_and_reuses_its_sweep(tmp_path, per
     result = CliRunner().invoke(app, ["eval", str(per_query_run), "--table", str(demo_table), "--out",
                                       str(tmp_path / "o"), "--probe-run", str(per_query_run)])  # fmt: skip
     assert result.exit_code == 2 and "not a probe controller" in " ".join(result.output.split())
+
+
+def test_eval_replay_bills_escalation_as_the_environment_does(escalating_probe_training, replay, demo_table):
+    run, _ = escalating_probe_training
+    policy = BudgetPolicy.load(run / "policy")
+    env = TokenBudgetProbeEnv(replay=replay, split="test", escalate_mode="beam3")
+    point = probe_controller_point(policy, env.replay, query_questions(demo_table))
+    escalated = 0
+    for query in range(len(env.replay.matrix.ids)):
+        observation, _ = env.reset(options={"query": query})
+        while True:
+            action = int(np.argmax(policy.probabilities(observation[None, :])[0]))
+            observation, _, done, _, info = env.step(action)
+            if done:
+                break
+        assert point.billed_tokens[query] == info["billed_tokens"]
+        assert point.exact_match[query] == info["em"]
+        column = env.escalate_columns if info["escalated"] else env.ladder
+        assert point.actions[query] == column[info["checkpoint"]]
+        escalated += info["escalated"]
+    assert escalated > 0  # the parity covers escalation, not only answers
+
+
+def _with_head(policy_dir, out, bias, probe_update=None):
+    """A copy of the controller with a constant output layer of ``len(bias)`` outputs."""
+    shutil.copytree(policy_dir, out)
+    spec = json.loads((out / "policy.json").read_text())
+    with np.load(out / "policy.npz") as data:
+        arrays = dict(data)
+    head = spec["members"][0]["layers"][-1]
+    arrays[head["weight"]] = np.zeros((arrays[head["weight"]].shape[0], len(bias)), dtype=np.float32)
+    arrays[head["bias"]] = np.array(bias, dtype=np.float32)
+    head["shape"] = list(arrays[head["weight"]].shape)
+    np.savez(out / "policy.npz", **arrays)
+    spec["weights_sha256"] = hashlib.sha256((out / "policy.npz").read_bytes()).hexdigest()
+    if probe_update is not None:
+        probe_update(spec["probe"])
+    (out / "policy.json").write_text(json.dumps(spec))
+    return out
+
+
+def test_escalating_session_and_inconsistent_settings(probe_run, tmp_path):
+    def escalate_to(mode):
+        return lambda probe: probe.update(escalate_mode=mode)
+
+    escalating = BudgetPolicy.load(
+        _with_head(probe_run / "policy", tmp_path / "escalate", [-10.0, -10.0, 10.0], escalate_to("beam3"))
+    )
+    assert escalating.probe.escalate_mode == "beam3"
+    session = escalating.start("C 3+4*2-5?")
+    assert session.observe("7", -0.7, 2, stopped=False) == ESCALATE
+    assert session.done and session.next_budget is None and session.checkpoint == 0
+    # A natural stop answers without asking, as without escalation.
+    assert escalating.start("C 3+4?").observe("7", -0.2, 2, stopped=True) == ANSWER
+    for name, bias, update, message in (
+        ("lost", [0.0, 0.0, 1.0], None, "2 outputs .*got \\[3\\]: its probe settings lack the escalate_mode"),
+        ("two", [1.0, 0.0], escalate_to("beam3"), "escalate_mode 'beam3' has 3 outputs .*got \\[2\\]"),
+        ("same", [0.0, 0.0, 1.0], escalate_to("greedy"), "a mode other than 'greedy'"),
+        ("absent", [0.0, 0.0, 1.0], escalate_to("beam9"), "'beam9' has no action at the checkpoints"),
+    ):
+        folder = _with_head(probe_run / "policy", tmp_path / name, bias, update)
+        with pytest.raises(PolicyLoadError, match=message):
+            BudgetPolicy.load(folder)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import sqlite3
 
 import httpx
+import numpy as np
 import pytest
 from serving import running_server
 
@@ -58,6 +62,42 @@ def test_served_probe_controller_follows_its_session(tmp_path, probe_policy, dem
         capped = httpx.post(f"{url}/v1/completions", json={"prompt": QUESTIONS[0], "max_tokens": 9}).json()
         assert capped["tokenopt"]["budget"] == 0  # no checkpoint past max_tokens minus the answer's room
     assert max(exits) > 1  # the controller continued on some queries
+
+
+def test_served_controller_escalates_to_its_escalate_mode(tmp_path, probe_policy, demo_lm):
+    # The trained controller with an output layer that always says escalate, to beam3.
+    folder = tmp_path / "escalate"
+    shutil.copytree(probe_policy, folder)
+    spec = json.loads((folder / "policy.json").read_text())
+    with np.load(folder / "policy.npz") as data:
+        arrays = dict(data)
+    head = spec["members"][0]["layers"][-1]
+    arrays[head["weight"]] = np.zeros((arrays[head["weight"]].shape[0], 3), dtype=np.float32)
+    arrays[head["bias"]] = np.array([-10.0, -10.0, 10.0], dtype=np.float32)
+    head["shape"] = list(arrays[head["weight"]].shape)
+    np.savez(folder / "policy.npz", **arrays)
+    spec["weights_sha256"] = hashlib.sha256((folder / "policy.npz").read_bytes()).hexdigest()
+    spec["probe"]["escalate_mode"] = "beam3"
+    (folder / "policy.json").write_text(json.dumps(spec))
+    config = ServeConfig(policy=folder, log=tmp_path / "log.sqlite", device="cpu", port=0)
+    with running_server(config) as (url, _):
+        for question in QUESTIONS[:4]:
+            body = httpx.post(f"{url}/v1/completions", json={"prompt": question, "seed": 7}, timeout=60).json()
+            prompt = [demo_lm.encode_prompt(question)]
+            probe = demo_lm.complete(prompt, parse_mode("greedy"), 0, seeds=[7])[0].outcome
+            escalated = demo_lm.complete(prompt, parse_mode("beam3"), 0, seeds=[7])[0].outcome
+            extra = body["tokenopt"]
+            if probe.natural_stop:  # the session answers there without asking
+                assert extra["action"] == "probe/b0/greedy"
+                continue
+            assert extra["action"] == "probe/b0/beam3" and extra["answer"] == escalated.answer
+            so_far = probe.reasoning_tokens + probe.cue_tokens + probe.answer_tokens
+            assert body["usage"]["completion_tokens"] == so_far + escalated.billed_tokens
+            with sqlite3.connect(tmp_path / "log.sqlite") as connection:
+                logged = connection.execute(
+                    "SELECT budget, decision FROM checkpoints WHERE request_id = ?", (body["id"],)
+                ).fetchall()
+            assert logged == [(0, "escalate")]
 
 
 def test_probe_controller_behind_an_upstream_is_refused(tmp_path, probe_policy):

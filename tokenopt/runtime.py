@@ -14,7 +14,9 @@ A policy trained on ``tokenopt/TokenBudgetProbe-v0`` (a probe controller) does n
 a (budget, mode): it watches one request's reasoning and, at each checkpoint, says
 answer or continue. :meth:`BudgetPolicy.start` opens a :class:`ProbeSession` for a
 request; the session builds the environment's observation from the probes the server
-reports, so the controller sees in production what it saw in training.
+reports, so the controller sees in production what it saw in training. A controller
+trained with an ``escalate_mode`` has a third output, escalate: answer by generating
+afresh in that mode at the current checkpoint's budget.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tokenopt.metrics import normalize_answer
 __all__ = [
     "ANSWER",
     "CONTINUE",
+    "ESCALATE",
     "FORMAT_VERSION",
     "PROBE_ENV_ID",
     "PROBE_INPUTS",
@@ -63,8 +66,8 @@ PROBE_INPUTS = [
 ]
 """What the probes said so far, appended to the prompt features (in this order)."""
 
-ANSWER, CONTINUE = "answer", "continue"
-"""A probe controller's two decisions (its outputs 0 and 1)."""
+ANSWER, CONTINUE, ESCALATE = "answer", "continue", "escalate"
+"""A probe controller's decisions (its outputs 0, 1 and, with an ``escalate_mode``, 2)."""
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
@@ -103,6 +106,8 @@ class ProbeSettings:
     """Reasoning budgets at which the answer is probed: the mode's budgets, smallest first."""
     probe_token_price: float
     """Weight of a probe's cue and answer tokens against generated tokens in ``tokens_spent``."""
+    escalate_mode: str | None = None
+    """The mode the controller may escalate to (its third output); None: it only answers or continues."""
 
     @property
     def max_budget(self) -> int:
@@ -136,7 +141,19 @@ def _probe_settings(spec: dict[str, object], actions: list[dict[str, object]]) -
         raise PolicyLoadError(
             f"probe checkpoints {checkpoints} are not the budgets {budgets} of mode {mode!r} in the action table"
         )
-    return ProbeSettings(str(mode), tuple(checkpoints), float(price))
+    escalate_mode = raw.get("escalate_mode")
+    if escalate_mode is not None:
+        if not isinstance(escalate_mode, str) or escalate_mode == mode:
+            raise PolicyLoadError(
+                f"probe escalate_mode must be the name of a mode other than {mode!r}, or absent; got {escalate_mode!r}"
+            )
+        escalate_budgets = {int(a["budget"]) for a in actions if a["mode"] == escalate_mode}  # type: ignore[call-overload]
+        missing = [budget for budget in checkpoints if budget not in escalate_budgets]
+        if missing:
+            raise PolicyLoadError(
+                f"probe escalate_mode {escalate_mode!r} has no action at the checkpoints {missing} in the action table"
+            )
+    return ProbeSettings(str(mode), tuple(checkpoints), float(price), escalate_mode)
 
 
 def _sha256(path: Path) -> str:
@@ -214,10 +231,18 @@ class BudgetPolicy:
         if spec.get("env_id") == PROBE_ENV_ID:
             if self.extra_inputs != PROBE_INPUTS:
                 raise PolicyLoadError(f"a probe controller takes the inputs {PROBE_INPUTS}; got {self.extra_inputs}")
-            outputs = {layers[-1][0].shape[1] for layers in self.members}
-            if outputs != {2}:
-                raise PolicyLoadError(f"a probe controller has 2 outputs (answer, continue); got {sorted(outputs)}")
             self.probe = _probe_settings(spec, self.actions)
+            outputs = {layers[-1][0].shape[1] for layers in self.members}
+            if self.probe.escalate_mode is None and outputs != {2}:
+                hint = ": its probe settings lack the escalate_mode it was trained with" if outputs == {3} else ""
+                raise PolicyLoadError(
+                    f"a probe controller has 2 outputs (answer, continue); got {sorted(outputs)}{hint}"
+                )
+            if self.probe.escalate_mode is not None and outputs != {3}:
+                raise PolicyLoadError(
+                    f"a probe controller with escalate_mode {self.probe.escalate_mode!r} has 3 outputs (answer, "
+                    f"continue, escalate); got {sorted(outputs)}"
+                )
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPolicy:
@@ -346,7 +371,10 @@ class ProbeSession:
     reads the forced answer, which a server with prefix caching does without
     recomputing the trace) and reports the probe with :meth:`observe`. On
     ``"answer"`` it returns that probe's answer and the session is done; on
-    ``"continue"`` it reasons on to the new ``next_budget``. The controller's inputs
+    ``"continue"`` it reasons on to the new ``next_budget``; on ``"escalate"`` (a
+    controller with ``settings.escalate_mode`` only) it generates afresh from the prompt
+    in ``settings.escalate_mode`` at the current checkpoint's budget
+    (``checkpoints[checkpoint]``) and returns that answer, and the session is done. The controller's inputs
     are built exactly as ``tokenopt/TokenBudgetProbe-v0`` builds its observation, and,
     as there, a probe where the LM stopped by itself or the last checkpoint answers
     without asking the controller.
@@ -364,9 +392,9 @@ class ProbeSession:
         self.done = False
         """Whether the session has answered."""
         self.decision: str | None = None
-        """The last decision: ``"answer"`` or ``"continue"``; None before the first probe."""
+        """The last decision: ``"answer"``, ``"continue"`` or ``"escalate"``; None before the first probe."""
         self.probabilities: np.ndarray | None = None
-        """The controller's (answer, continue) probabilities at the last probe; None when it was not asked."""
+        """The controller's (answer, continue[, escalate]) probabilities at the last probe; None when not asked."""
         self.observation: np.ndarray | None = None
         """The controller's input at the last probe: prompt features, then :data:`PROBE_INPUTS`."""
         self._features = np.asarray(features, dtype=np.float32)
@@ -395,7 +423,10 @@ class ProbeSession:
 
         Returns:
             ``"answer"``: return this probe's answer; ``"continue"``: reason on to
-            ``next_budget`` and probe there.
+            ``next_budget`` and probe there; ``"escalate"`` (with an
+            ``escalate_mode``): generate in ``settings.escalate_mode`` at this
+            checkpoint's budget and return that answer. Where the LM stopped by
+            itself, or at the last checkpoint, the session answers without asking.
 
         Raises:
             RuntimeError: the session has already answered.
@@ -437,8 +468,8 @@ class ProbeSession:
             self.decision = ANSWER
         else:
             self.probabilities = self.policy.probabilities(self.observation[None, :])[0]
-            self.decision = CONTINUE if int(np.argmax(self.probabilities)) == 1 else ANSWER
-        if self.decision == ANSWER:
+            self.decision = (ANSWER, CONTINUE, ESCALATE)[int(np.argmax(self.probabilities))]
+        if self.decision != CONTINUE:
             self.done = True
         else:
             self.checkpoint += 1

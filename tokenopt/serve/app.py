@@ -644,7 +644,10 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         ``tokenopt collect`` decodes it, so the controller sees the probes it was
         trained on. Usage counts the reasoning up to the exit and every probe's cue and
         answer (what a server continuing one trace generates); the controller's
-        ``tokens_spent`` weights probes by its probe price, as in training.
+        ``tokens_spent`` weights probes by its probe price, as in training. On
+        ``"escalate"`` (a controller with an ``escalate_mode``) the request is generated
+        afresh in that mode at the checkpoint's budget and answered with; usage adds
+        that generation's billed tokens to the reasoning and probes so far.
         """
         session = arm.policy.start(parsed.prompt)
         settings = session.settings
@@ -680,10 +683,23 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             checkpoints.append((budget, generation.answer, generation.answer_logprob, decision))
             if decision != "continue":
                 break
-        generation.billed_tokens = generation.reasoning_tokens + int(probe_tokens)
-        generation.answer_tokens = int(probe_tokens)
-        record.action = f"probe/b{budget}/{settings.mode}"
-        record.action_index, record.budget, record.mode = len(checkpoints) - 1, budget, settings.mode
+        served_mode = settings.mode
+        if decision == "escalate":
+            assert settings.escalate_mode is not None
+            served_mode, reasoned = settings.escalate_mode, generation.reasoning_tokens
+            try:
+                generation = await state.backend.generate(parsed.prompt, budget, served_mode, seed=seed)
+            except ValueError as error:
+                raise RequestError(413 if "context" in str(error) else 422, str(error)) from None
+            except BackendError as error:
+                raise RequestError(500, str(error)) from None
+            # The escalated mode reasoned afresh from the prompt: its whole bill comes on top.
+            generation.billed_tokens += reasoned + int(probe_tokens)
+        else:
+            generation.billed_tokens = generation.reasoning_tokens + int(probe_tokens)
+            generation.answer_tokens = int(probe_tokens)
+        record.action = f"probe/b{budget}/{served_mode}"
+        record.action_index, record.budget, record.mode = len(checkpoints) - 1, budget, served_mode
         record.policy_ms = policy_ms
         record.checkpoints = checkpoints
         state.metrics.policy_latency.labels(arm=arm.name).observe(policy_ms / 1000.0)
