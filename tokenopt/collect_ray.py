@@ -221,6 +221,8 @@ class _RayShardRunner:
             items.append({"path": str(path), "payload": json.dumps(shard)})
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
+        if not logger.isEnabledFor(logging.DEBUG):  # Ray Data logs every execution plan at INFO
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _ShardActor,
             fn_constructor_kwargs={
