@@ -145,7 +145,11 @@ def main() -> None:
     ]:
         ratio = learned[key] / baseline[key] if baseline[key] else float("nan")
         print(f"{label:24}{learned[key]:12.4g}{baseline[key]:18.4g}{ratio:10.3f}")
-    print(f"decision-log rows: {int(learned['logged'])} and {int(baseline['logged'])} of {args.requests}")
+    expected = args.requests + args.concurrency
+    print(
+        f"decision-log rows: {int(learned['logged'])} and {int(baseline['logged'])} of {expected} "
+        f"({args.requests} measured + {args.concurrency} warm-up requests per server)"
+    )
 
 
 if __name__ == "__main__":
