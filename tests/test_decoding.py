@@ -130,3 +130,32 @@ def test_each_row_at_its_own_budget_equals_one_budget_runs(demo_lm, prompts, mod
     assert stats.forward_calls < sum(budget + 12 for budget in set(budgets))
     with pytest.raises(ValueError, match="beam"):
         decode_each_at_budget(demo_lm.model, prompts, parse_mode("beam3"), budgets, demo_lm.settings)
+
+
+def test_listener_hears_greedy_tokens_while_they_decode(demo_lm, prompts):
+    forwards = [0]
+    handle = demo_lm.model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    heard: dict[int, list[tuple[int, int]]] = {}
+    try:
+        out, _ = decode_each_at_budget(
+            demo_lm.model,
+            prompts[:4],
+            parse_mode("greedy"),
+            [32, 0, 8, 32],
+            demo_lm.settings,
+            listener=lambda slot, token: heard.setdefault(slot, []).append((token, forwards[0])),
+        )
+    finally:
+        handle.remove()
+    for slot, sequences in enumerate(out):
+        sequence = sequences[0]
+        text = demo_lm.tokenizer.decode([token for token, _ in heard[slot]], skip_special_tokens=True)
+        cue = demo_lm.prompt_format.answer_cue
+        assert text == demo_lm.tokenizer.decode(sequence.reasoning_ids) + cue + demo_lm.tokenizer.decode(
+            sequence.answer_ids
+        )
+    # Tokens arrive one forward pass apart, not all at the end.
+    moments = [moment for _, moment in heard[0]]
+    assert len(set(moments)) >= len(moments) - 2 and moments[0] < moments[-1]
+    with pytest.raises(ValueError, match="greedy"):
+        decode_each_at_budget(demo_lm.model, prompts[:2], parse_mode("sc3"), [4, 4], demo_lm.settings, listener=print)

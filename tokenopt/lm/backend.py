@@ -6,6 +6,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -311,6 +312,7 @@ class TransformersLM:
         budget: int | list[int],
         seeds: list[int] | None = None,
         max_answer_tokens: int | None = None,
+        listener: Callable[[int, int], None] | None = None,
     ) -> list[Completion]:
         """Serve a batch with budget forcing, returning text as well as outcomes.
 
@@ -322,14 +324,20 @@ class TransformersLM:
             seeds: one seed per prompt for ``sc<k>``.
             max_answer_tokens: a smaller answer cap than the prompt format's (a client's
                 ``max_tokens`` may leave less room).
+            listener: called with (prompt index, token id) as each token of a greedy
+                row's text is chosen (one budget per prompt only), for streaming.
         """
         settings = self.settings
         if max_answer_tokens is not None:
             settings = replace(settings, max_answer_tokens=max(1, min(max_answer_tokens, settings.max_answer_tokens)))
         started = time.perf_counter()
         if isinstance(budget, list):
-            sequences_of, stats = decode_each_at_budget(self.model, prompts, mode, budget, settings, seeds)
+            sequences_of, stats = decode_each_at_budget(
+                self.model, prompts, mode, budget, settings, seeds, listener=listener
+            )
         else:
+            if listener is not None:
+                raise ValueError("streaming needs one budget per prompt (a list), as the server passes")
             outcomes, _, stats = decode_with_budgets(self.model, prompts, mode, [budget], settings, seeds)
             sequences_of = [per_budget[budget] for per_budget in outcomes]
         latency_ms = (time.perf_counter() - started) * 1000.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,6 +145,8 @@ class _State:
         self.logits = logits
         self.stats = stats
         self.finished: dict[int, list[SequenceOutcome]] = {}
+        self.listener: Callable[[int, int], None] | None = None
+        """Called with (row slot, token id) for each token of a row's text as it is chosen."""
 
     def fork(self, indices: list[int]) -> _State:
         """A copy of some rows, with their own cache, for a budget branch."""
@@ -164,6 +167,7 @@ class _State:
         )
         groups = {row.group for row in rows}
         state.finished = {g: list(v) for g, v in self.finished.items() if g in groups}
+        state.listener = self.listener
         return state
 
     def select(self, indices: list[int]) -> None:
@@ -279,6 +283,10 @@ class _State:
     def _append(self, row: _Row, token: int, token_logprob: float) -> None:
         """Record a chosen token in a row and move it through its phases."""
         settings = self.settings
+        if self.listener is not None and token not in settings.eos_ids:
+            ends_answer = row.phase == _ANSWERING and not row.forced and token in settings.newline_ids
+            if not ends_answer:
+                self.listener(row.slot, token)
         if row.forced:
             row.forced.pop(0)
             row.cue_tokens += 1
@@ -438,6 +446,7 @@ def decode_each_at_budget(
     budgets: list[int],
     settings: DecodeSettings,
     seeds: list[int] | None = None,
+    listener: Callable[[int, int], None] | None = None,
 ) -> tuple[list[list[SequenceOutcome]], DecodeStats]:
     """Serve a batch in which every prompt has its own budget (greedy and ``sc<k>``).
 
@@ -446,10 +455,14 @@ def decode_each_at_budget(
     equal :func:`decode_with_budgets`' at that budget, so a server can batch requests
     the policy gave different budgets.
 
+    With a ``listener`` (greedy only), each token of a prompt's text (reasoning, cue,
+    answer; not the EOS or the newline that ends the answer) is reported as
+    ``listener(prompt index, token id)`` as soon as it is chosen, for streaming.
+
     Raises:
         ValueError: a ``beam<k>`` mode (its beams of one prompt interact; batch beam
-            requests by budget with :func:`decode_with_budgets`), or a budget per
-            prompt missing.
+            requests by budget with :func:`decode_with_budgets`), a budget per
+            prompt missing, or a listener with a mode other than greedy.
     """
     if mode.kind == "beam":
         raise ValueError("beam search needs one budget per batch: use decode_with_budgets")
@@ -457,7 +470,10 @@ def decode_each_at_budget(
         raise ValueError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
     if not prompts:
         return [], DecodeStats()
+    if listener is not None and mode.kind != "greedy":
+        raise ValueError(f"only greedy rows can be streamed as they decode; {mode.name} is known at the end")
     state, _ = _start(model, prompts, mode, max(budgets), settings, seeds)
+    state.listener = listener
     n_rows = len(state.rows)
     results: dict[int, SequenceOutcome] = {}
 

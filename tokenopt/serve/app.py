@@ -473,35 +473,73 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             )
         state.admitted += 1
         state.metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                state.admitted -= 1
+                state.metrics.in_flight.dec()
+
         request_id = ("cmpl-" if endpoint == "completions" else "chatcmpl-") + uuid.uuid4().hex[:24]
         user_key = request.headers.get("x-tokenopt-user") or parsed.user or request_id
         arm = state.arm_for(user_key)
         holder: dict[str, Any] = {}
-        try:
-            assert state.semaphore is not None
-            semaphore = state.semaphore
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        on_token = None
+        if parsed.stream and getattr(state.backend, "streams_tokens", False):
+            loop = asyncio.get_running_loop()
 
-            async def admitted() -> tuple[Generation, DecisionRecord]:
-                async with semaphore:
-                    return await serve_one(parsed, arm, request_id, user_key, holder)
+            def on_token(token: int) -> None:  # called on the LM's worker thread
+                loop.call_soon_threadsafe(tokens.put_nowait, token)
 
+        assert state.semaphore is not None
+        semaphore = state.semaphore
+
+        async def admitted() -> tuple[Generation, DecisionRecord]:
+            async with semaphore:
+                return await serve_one(parsed, arm, request_id, user_key, holder, on_token)
+
+        task = asyncio.ensure_future(asyncio.wait_for(admitted(), config.timeout))
+        if on_token is None:
             try:
-                result = await asyncio.wait_for(admitted(), config.timeout)
-            except asyncio.TimeoutError:
-                raise RequestError(
-                    504, f"the request took longer than the server's timeout of {config.timeout} s"
-                ) from None
-        except RequestError as error:
-            state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status=str(error.status)).inc()
-            if "record" in holder:
-                record = holder["record"]
-                record.status, record.latency_ms = error.status, (time.perf_counter() - started) * 1000.0
-                state.log.append(record)  # type: ignore[union-attr]
-            return error_response(error)
-        finally:
-            state.admitted -= 1
-            state.metrics.in_flight.dec()
-        generation, record = result
+                generation, record = await task
+            except (RequestError, asyncio.TimeoutError) as error:
+                return failed(error, arm, endpoint, holder, started)
+            finally:
+                release()
+            decision = await succeeded(generation, record, arm, endpoint, started)
+            return respond(parsed, request_id, arm, generation, record, decision)
+        # Live streaming: answer once the first token (or the outcome) is known, so that an
+        # error before any token still gets its status code.
+        getter = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and task.exception() is not None:
+            getter.cancel()
+            release()
+            return failed(task.exception(), arm, endpoint, holder, started)  # type: ignore[arg-type]
+        record = holder["record"]
+        return StreamingResponse(
+            live_events(parsed, request_id, arm, task, getter, tokens, holder, started, release),
+            media_type="text/event-stream",
+            headers=decision_headers(request_id, arm, record),
+        )
+
+    def failed(error: BaseException, arm: Arm, endpoint: str, holder: dict[str, Any], started: float) -> JSONResponse:
+        if not isinstance(error, RequestError):
+            error = RequestError(504, f"the request took longer than the server's timeout of {config.timeout} s")
+        state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status=str(error.status)).inc()
+        if "record" in holder:
+            record = holder["record"]
+            record.status, record.latency_ms = error.status, (time.perf_counter() - started) * 1000.0
+            state.log.append(record)  # type: ignore[union-attr]
+        return error_response(error)
+
+    async def succeeded(
+        generation: Generation, record: DecisionRecord, arm: Arm, endpoint: str, started: float
+    ) -> dict[str, Any]:
+        """Log and count a served request; return the decision the response reports."""
         elapsed = time.perf_counter() - started
         record.latency_ms = elapsed * 1000.0
         await asyncio.to_thread(state.log.append, record, record.checkpoints)  # type: ignore[union-attr]
@@ -511,7 +549,7 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         state.metrics.tokens.labels(arm=arm.name, kind="answer").inc(generation.answer_tokens)
         budget_label = "bypass" if record.bypass else str(record.budget)  # client max_tokens: unbounded values
         state.metrics.decisions.labels(arm=arm.name, budget=budget_label, mode=record.mode).inc()
-        decision = {
+        return {
             "policy_id": record.policy_id,
             "arm": arm.name,
             "action": record.action,
@@ -523,26 +561,39 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             "billed_tokens": generation.billed_tokens,
             "answer": generation.answer,
         }
-        headers = {
+
+    def decision_headers(request_id: str, arm: Arm, record: DecisionRecord) -> dict[str, str]:
+        return {
             "X-Request-Id": request_id,
             "X-Tokenopt-Decision": f"arm={arm.name}; policy={record.policy_id}; action={record.action}; "
             f"budget={record.budget}; mode={record.mode}",
         }
-        usage = {
+
+    def usage_of(generation: Generation) -> dict[str, int]:
+        return {
             "prompt_tokens": generation.prompt_tokens,
             "completion_tokens": generation.billed_tokens,
             "total_tokens": generation.prompt_tokens + generation.billed_tokens,
         }
-        model_name = parsed.model or str(state.backend.name)
-        created = int(time.time())
+
+    def respond(
+        parsed: ParsedRequest,
+        request_id: str,
+        arm: Arm,
+        generation: Generation,
+        record: DecisionRecord,
+        decision: dict[str, Any],
+    ) -> Response:
+        headers = decision_headers(request_id, arm, record)
+        events = _Events(parsed.endpoint, request_id, parsed.model or str(state.backend.name))
         if parsed.stream:
             return StreamingResponse(
-                _stream(endpoint, request_id, created, model_name, generation, usage, decision, parsed.include_usage),
+                events.whole(generation, usage_of(generation), decision, parsed.include_usage),
                 media_type="text/event-stream",
                 headers=headers,
             )
         served = generation.choices or [(generation.text, generation.finish_reason, generation.token_logprobs)]
-        if endpoint == "completions":
+        if parsed.endpoint == "completions":
             choices = [
                 {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
                 for i, (text, finish, logprobs) in enumerate(served)
@@ -562,16 +613,75 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         payload = {
             "id": request_id,
             "object": kind,
-            "created": created,
-            "model": model_name,
+            "created": events.created,
+            "model": events.model,
             "choices": choices,
-            "usage": usage,
+            "usage": usage_of(generation),
             "tokenopt": decision,
         }
         return JSONResponse(payload, headers=headers)
 
+    async def live_events(
+        parsed: ParsedRequest,
+        request_id: str,
+        arm: Arm,
+        task: asyncio.Future[tuple[Generation, DecisionRecord]],
+        getter: asyncio.Future[int],
+        tokens: asyncio.Queue[int],
+        holder: dict[str, Any],
+        started: float,
+        release: Any,
+    ) -> AsyncIterator[str]:
+        """Chunks as the LM chooses the tokens, then the decision and the usage."""
+        events = _Events(parsed.endpoint, request_id, parsed.model or str(state.backend.name))
+        ids: list[int] = []
+        sent = ""
+        try:
+            yield events.chunk(None, None, first=True)
+            while True:
+                if getter.done():
+                    ids.append(getter.result())
+                    while not tokens.empty():
+                        ids.append(tokens.get_nowait())
+                    getter = asyncio.ensure_future(tokens.get())
+                    text = state.backend.decode(ids)
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield events.chunk(text[len(sent) :], None)
+                        sent = text
+                    continue
+                if task.done():
+                    break
+                waiting: set[asyncio.Future[Any]] = {task, getter}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            getter.cancel()
+            error = task.exception()
+            if error is not None:
+                response = failed(error, arm, parsed.endpoint, holder, started)
+                yield f"data: {bytes(response.body).decode()}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            generation, record = task.result()
+            if not sent:  # decoded as a whole (a vote, a beam, a probe controller): a chunk per token
+                for piece in generation.pieces:
+                    yield events.chunk(piece, None)
+            elif generation.text.startswith(sent) and len(generation.text) > len(sent):
+                yield events.chunk(generation.text[len(sent) :], None)
+            decision = await succeeded(generation, record, arm, parsed.endpoint, started)
+            async for event in events.ending(generation, usage_of(generation), decision, parsed.include_usage):
+                yield event
+        finally:
+            getter.cancel()
+            if not task.done():
+                task.cancel()
+            release()
+
     async def serve_one(
-        parsed: ParsedRequest, arm: Arm, request_id: str, user_key: str, holder: dict[str, Any]
+        parsed: ParsedRequest,
+        arm: Arm,
+        request_id: str,
+        user_key: str,
+        holder: dict[str, Any],
+        on_token: Any = None,
     ) -> tuple[Generation, DecisionRecord]:
         policy = arm.policy
         tick = time.perf_counter()
@@ -624,7 +734,10 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             answer_cap = parsed.max_tokens - budget - cue
         record.action, record.action_index, record.budget, record.mode = str(action["name"]), index, budget, mode
         try:
-            generation = await state.backend.generate(parsed.prompt, budget, mode, seed=seed, answer_cap=answer_cap)
+            stream = {"on_token": on_token} if on_token is not None and mode == "greedy" else {}
+            generation = await state.backend.generate(
+                parsed.prompt, budget, mode, seed=seed, answer_cap=answer_cap, **stream
+            )
         except ValueError as error:
             raise RequestError(413 if "context" in str(error) else 422, str(error)) from None
         except UpstreamError as error:
@@ -826,40 +939,64 @@ def _fill(record: DecisionRecord, generation: Generation) -> None:
     record.answer = generation.answer
 
 
-async def _stream(
-    endpoint: str,
-    request_id: str,
-    created: int,
-    model: str,
-    generation: Generation,
-    usage: dict[str, int],
-    decision: dict[str, Any],
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, one chunk per token of the text."""
-    kind = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
+class _Events:
+    """Server-sent events in OpenAI's chunk format for one response."""
 
-    def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
-        if endpoint == "completions":
+    def __init__(self, endpoint: str, request_id: str, model: str) -> None:
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.kind = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
+
+    def _payload(self, piece: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.endpoint == "completions":
             choice: dict[str, Any] = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
         else:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if piece:
                 delta["content"] = piece
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        payload = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
-        return f"data: {json.dumps(payload)}\n\n"
+        return {
+            "id": self.request_id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
-    yield chunk(None, None, first=True)
-    for piece in generation.pieces:
-        yield chunk(piece, None)
-    final = json.loads(chunk(None, generation.finish_reason)[6:])
-    final["tokenopt"] = decision
-    yield f"data: {json.dumps(final)}\n\n"
-    if include_usage:
-        tail = {"id": request_id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage}
-        yield f"data: {json.dumps(tail)}\n\n"
-    yield "data: [DONE]\n\n"
+    def chunk(self, piece: str | None, finish: str | None, first: bool = False) -> str:
+        """One chunk: a piece of text, or (with ``first``) the chat role."""
+        return f"data: {json.dumps(self._payload(piece, finish, first))}\n\n"
+
+    async def ending(
+        self, generation: Generation, usage: dict[str, int], decision: dict[str, Any], include_usage: bool
+    ) -> AsyncIterator[str]:
+        """The finish reason with the ``tokenopt`` decision, the usage if asked, and ``[DONE]``."""
+        final = self._payload(None, generation.finish_reason)
+        final["tokenopt"] = decision
+        yield f"data: {json.dumps(final)}\n\n"
+        if include_usage:
+            tail = {
+                "id": self.request_id,
+                "object": self.kind,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(tail)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def whole(
+        self, generation: Generation, usage: dict[str, int], decision: dict[str, Any], include_usage: bool
+    ) -> AsyncIterator[str]:
+        """A response decoded before streaming (votes, beams, probes, upstream): one chunk per token."""
+        yield self.chunk(None, None, first=True)
+        for piece in generation.pieces:
+            yield self.chunk(piece, None)
+        async for event in self.ending(generation, usage, decision, include_usage):
+            yield event
 
 
 def build_backend(config: ServeConfig) -> Any:

@@ -114,6 +114,13 @@ class LocalBackend:
         self._worker = threading.Thread(target=self._run, name="tokenopt-lm", daemon=True)
         self._worker.start()
 
+    streams_tokens = True
+    """Greedy requests can report their tokens as the LM chooses them."""
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of some generated tokens (for streaming)."""
+        return str(self.lm.tokenizer.decode(token_ids, skip_special_tokens=True))
+
     @property
     def answer_room(self) -> int:
         """Tokens the cue and the longest answer take after the reasoning."""
@@ -124,9 +131,21 @@ class LocalBackend:
         return len(self.lm.encode_prompt(text))
 
     async def generate(
-        self, question: str, budget: int, mode: str, seed: int = 0, answer_cap: int | None = None
+        self,
+        question: str,
+        budget: int,
+        mode: str,
+        seed: int = 0,
+        answer_cap: int | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Serve a question at (budget, mode) with budget forcing."""
+        """Serve a question at (budget, mode) with budget forcing.
+
+        ``on_token`` (greedy only) is called on the LM's worker thread with each token
+        of the text as it is chosen.
+        """
+        if on_token is not None and mode != "greedy":
+            raise ValueError(f"only greedy requests stream as they decode; got {mode}")
         prompt = self.lm.encode_prompt(question)
         if not self.lm.fits(prompt, budget):
             raise ValueError(
@@ -135,7 +154,8 @@ class LocalBackend:
             )
         # Greedy and sc<k> rows leave a batch at their own budgets; beams of one batch share one.
         key = ("forced", mode, budget if mode.startswith("beam") else None, answer_cap)
-        return await self._submit("forced", key, {"prompt": prompt, "seed": seed, "budget": budget})
+        args = {"prompt": prompt, "seed": seed, "budget": budget, "on_token": on_token}
+        return await self._submit("forced", key, args)
 
     async def generate_plain(
         self, prompt: str, max_tokens: int, n: int, temperature: float, seed: int, stop: list[str]
@@ -198,12 +218,19 @@ class LocalBackend:
             mode = parse_mode(mode_name)
             for start in range(0, len(jobs), self.max_batch):
                 chunk = jobs[start : start + self.max_batch]
+                listeners = [job.args.get("on_token") for job in chunk]
+
+                def listener(slot: int, token: int, listeners: list[Any] = listeners) -> None:
+                    if listeners[slot] is not None:
+                        listeners[slot](token)
+
                 completions = self.lm.complete(
                     [job.args["prompt"] for job in chunk],
                     mode,
                     budget if budget is not None else [job.args["budget"] for job in chunk],
                     seeds=[job.args["seed"] for job in chunk],
                     max_answer_tokens=answer_cap,
+                    listener=listener if any(callback is not None for callback in listeners) else None,
                 )
                 self.batches += 1
                 self.batched_requests += len(chunk)
