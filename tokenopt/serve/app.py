@@ -505,7 +505,7 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         if on_token is None:
             try:
                 generation, record = await task
-            except (RequestError, asyncio.TimeoutError) as error:
+            except Exception as error:  # RequestError, timeout, or a bug (500, logged)
                 return failed(error, arm, endpoint, holder, started)
             finally:
                 release()
@@ -527,8 +527,11 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         )
 
     def failed(error: BaseException, arm: Arm, endpoint: str, holder: dict[str, Any], started: float) -> JSONResponse:
-        if not isinstance(error, RequestError):
+        if isinstance(error, asyncio.TimeoutError):
             error = RequestError(504, f"the request took longer than the server's timeout of {config.timeout} s")
+        elif not isinstance(error, RequestError):
+            logger.error("request failed", exc_info=error)
+            error = RequestError(500, f"internal error: {type(error).__name__}: {error}")
         state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status=str(error.status)).inc()
         if "record" in holder:
             record = holder["record"]
