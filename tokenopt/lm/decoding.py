@@ -477,15 +477,18 @@ def decode_each_at_budget(
     n_rows = len(state.rows)
     results: dict[int, SequenceOutcome] = {}
 
-    def retire(indices: list[int]) -> None:
-        for i in indices:
-            results[state.rows[i].slot] = state.rows[i].outcome()
+    def drop(indices: list[int]) -> None:
         gone = set(indices)
         keep = [i for i in range(len(state.rows)) if i not in gone]
         if keep:
             state.select(keep)
         else:
             state.rows = []
+
+    def retire(indices: list[int]) -> None:
+        for i in indices:
+            results[state.rows[i].slot] = state.rows[i].outcome()
+        drop(indices)
 
     for step in range(max(budgets) + 1):
         due = [i for i, row in enumerate(state.rows) if row.phase == _REASONING and budgets[row.group] == step]
@@ -495,12 +498,7 @@ def decode_each_at_budget(
             branch.finish()
             for row in branch.rows:
                 results[row.slot] = row.outcome()
-            gone = set(due)
-            keep = [i for i in range(len(state.rows)) if i not in gone]
-            if keep:
-                state.select(keep)
-            else:
-                state.rows = []
+            drop(due)
         if not any(row.phase == _REASONING for row in state.rows):
             break
         state.step()
