@@ -32,6 +32,7 @@ __all__ = [
     "TransformersLM",
     "resolve_device",
     "resolve_dtype",
+    "summarise",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,50 @@ def _vote(sequences: list[tuple[str, float]]) -> tuple[int, float]:
     members = [i for i, key in enumerate(keys) if key == best_key]
     chosen = max(members, key=lambda i: sequences[i][1])
     return chosen, counts[best_key] / len(sequences)
+
+
+def summarise(
+    mode: Mode,
+    answers: list[str],
+    mean_logprobs: list[float],
+    reasoning_tokens: list[int],
+    cue_tokens: list[int],
+    answer_tokens: list[int],
+    natural_stops: list[bool],
+    latency_ms: float,
+) -> ModeOutcome:
+    """Vote and bill the sequences one action returned (every backend summarises here).
+
+    ``sc<k>`` returns the vote's winner and bills every sample; greedy and ``beam<k>``
+    return their one sequence, billed ``width`` times (k beams decode in parallel).
+    The lists hold one entry per sequence; answer tokens include a newline that
+    ended the answer.
+    """
+    if mode.kind == "sc":
+        chosen, confidence = _vote(list(zip(answers, mean_logprobs, strict=True)))
+        multiplier = 1
+    else:
+        chosen, multiplier, confidence = 0, mode.width, mean_logprobs[0]
+    reasoning = multiplier * sum(reasoning_tokens)
+    cue = multiplier * sum(cue_tokens)
+    answer = multiplier * sum(answer_tokens)
+    return ModeOutcome(
+        answer=answers[chosen],
+        reasoning_tokens=reasoning,
+        cue_tokens=cue,
+        answer_tokens=answer,
+        billed_tokens=reasoning + cue + answer,
+        confidence=float(confidence),
+        answer_logprob=float(mean_logprobs[chosen]),
+        natural_stop=all(natural_stops),
+        n_sequences=mode.width,
+        latency_ms=latency_ms,
+        sample_answers=answers,
+        sample_tokens=[
+            multiplier * (r + c + a) for r, c, a in zip(reasoning_tokens, cue_tokens, answer_tokens, strict=True)
+        ],
+        sample_logprobs=[float(lp) for lp in mean_logprobs],
+    )
 
 
 @dataclass
@@ -265,33 +310,15 @@ class TransformersLM:
         return (match.group(1) if match.groups() else match.group(0)).strip()
 
     def _summarise(self, sequences: list[SequenceOutcome], mode: Mode, latency_ms: float) -> ModeOutcome:
-        answers = [self.extract_answer(sequence.answer_ids) for sequence in sequences]
-        mean_logprobs = [s.answer_logprob / max(1, len(s.answer_ids)) for s in sequences]
-        if mode.kind == "sc":
-            chosen, confidence = _vote(list(zip(answers, mean_logprobs, strict=True)))
-            multiplier = 1
-        else:
-            chosen, multiplier = 0, mode.width
-            confidence = mean_logprobs[0]
-        reasoning = multiplier * sum(len(s.reasoning_ids) for s in sequences)
-        cue = multiplier * sum(s.cue_tokens for s in sequences)
-        answer_tokens = multiplier * sum(s.billed_answer_tokens for s in sequences)
-        return ModeOutcome(
-            answer=answers[chosen],
-            reasoning_tokens=reasoning,
-            cue_tokens=cue,
-            answer_tokens=answer_tokens,
-            billed_tokens=reasoning + cue + answer_tokens,
-            confidence=float(confidence),
-            answer_logprob=float(mean_logprobs[chosen]),
-            natural_stop=all(s.natural_stop for s in sequences),
-            n_sequences=mode.width,
+        return summarise(
+            mode,
+            answers=[self.extract_answer(sequence.answer_ids) for sequence in sequences],
+            mean_logprobs=[s.answer_logprob / max(1, len(s.answer_ids)) for s in sequences],
+            reasoning_tokens=[len(s.reasoning_ids) for s in sequences],
+            cue_tokens=[s.cue_tokens for s in sequences],
+            answer_tokens=[s.billed_answer_tokens for s in sequences],
+            natural_stops=[s.natural_stop for s in sequences],
             latency_ms=latency_ms,
-            sample_answers=answers,
-            sample_tokens=[
-                multiplier * (len(s.reasoning_ids) + s.cue_tokens + s.billed_answer_tokens) for s in sequences
-            ],
-            sample_logprobs=[float(lp) for lp in mean_logprobs],
         )
 
     def run(

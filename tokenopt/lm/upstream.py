@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenopt.actions import Mode
-from tokenopt.lm.backend import ModeOutcome, PromptFormat, _vote
+from tokenopt.lm.backend import ModeOutcome, PromptFormat, summarise
 
 __all__ = ["UpstreamError", "UpstreamLM", "UpstreamPrompt", "UpstreamStats"]
 
@@ -461,30 +461,16 @@ class UpstreamLM:
         return outcome
 
     def _summarise(self, sequences: list[_Sequence], mode: Mode) -> ModeOutcome:
-        """Bill and vote as :meth:`tokenopt.lm.backend.TransformersLM._summarise` does."""
-        answers = [sequence.answer for sequence in sequences]
-        mean_logprobs = [s.answer_logprob / max(1, s.answer_token_count) for s in sequences]
-        if mode.kind == "sc":
-            chosen, confidence = _vote(list(zip(answers, mean_logprobs, strict=True)))
-        else:
-            chosen, confidence = 0, mean_logprobs[0]
-        reasoning = sum(s.reasoning_tokens for s in sequences)
-        cue = sum(s.cue_tokens for s in sequences)
-        answer_tokens = sum(s.billed_answer_tokens for s in sequences)
-        return ModeOutcome(
-            answer=answers[chosen],
-            reasoning_tokens=reasoning,
-            cue_tokens=cue,
-            answer_tokens=answer_tokens,
-            billed_tokens=reasoning + cue + answer_tokens,
-            confidence=float(confidence),
-            answer_logprob=float(mean_logprobs[chosen]),
-            natural_stop=all(s.natural_stop for s in sequences),
-            n_sequences=mode.width,
+        """Bill and vote as the local backend does (:func:`tokenopt.lm.backend.summarise`)."""
+        return summarise(
+            mode,
+            answers=[sequence.answer for sequence in sequences],
+            mean_logprobs=[s.answer_logprob / max(1, s.answer_token_count) for s in sequences],
+            reasoning_tokens=[s.reasoning_tokens for s in sequences],
+            cue_tokens=[s.cue_tokens for s in sequences],
+            answer_tokens=[s.billed_answer_tokens for s in sequences],
+            natural_stops=[s.natural_stop for s in sequences],
             latency_ms=max(s.done_ms for s in sequences),
-            sample_answers=answers,
-            sample_tokens=[s.reasoning_tokens + s.cue_tokens + s.billed_answer_tokens for s in sequences],
-            sample_logprobs=[float(lp) for lp in mean_logprobs],
         )
 
     def run(
