@@ -1,21 +1,35 @@
-"""Export a trained SB3 agent as the pickle-free runtime policy of :mod:`tokenopt.runtime`."""
+"""``tokenopt export``: a trained run (or several, as an ensemble) as the pickle-free runtime policy.
+
+:func:`export_run` reads a run folder's best model and observation normalisation and
+writes ``RUN/policy/`` (``policy.json`` + ``policy.npz`` [+ ``policy.onnx``]) through
+:func:`export_policy`, which :mod:`tokenopt.runtime` loads with numpy alone;
+:func:`export_ensemble` writes one policy that averages several runs.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from tokenopt.runtime import FORMAT_VERSION
+from tokenopt.agents.common.hyperparams import activation_name
+from tokenopt.agents.common.run_dir import RunDir
+from tokenopt.probe import PROBE_INPUTS
+from tokenopt.runtime import FORMAT_VERSION, POLICY_SPEC_FILE, POLICY_WEIGHTS_FILE
+from tokenopt.table import load_manifest
+from tokenopt.table.schema import write_atomic
 
-__all__ = ["export_policy", "policy_layers"]
+__all__ = ["export_ensemble", "export_policy", "export_run", "policy_layers"]
 
-_ACTIVATION_NAMES = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}
+_EXTRA_INPUTS = {"stream": ["budget_left_fraction", "queries_left_fraction"], "probe": PROBE_INPUTS}
+"""Inputs after the prompt features, per environment."""
 
 
 def policy_layers(model: Any) -> list[tuple[np.ndarray, np.ndarray, str]]:
@@ -38,11 +52,11 @@ def policy_layers(model: Any) -> list[tuple[np.ndarray, np.ndarray, str]]:
                     "none",
                 )
             )
-        elif type(module) in _ACTIVATION_NAMES:
+        elif activation_name(module) is not None:
             if not layers:
                 raise ValueError("the policy network starts with an activation; expected Linear first")
             weight, bias, _ = layers[-1]
-            layers[-1] = (weight, bias, _ACTIVATION_NAMES[type(module)])
+            layers[-1] = (weight, bias, str(activation_name(module)))
         else:
             raise ValueError(f"cannot export layer {type(module).__name__}: expected Linear, Tanh or ReLU")
     return layers
@@ -129,11 +143,13 @@ def export_policy(
             arrays[f"m{m}_obs_var"] = np.asarray(member_normalization[m][1], dtype=np.float64)
             member_spec |= {"obs_mean": f"m{m}_obs_mean", "obs_var": f"m{m}_obs_var"}
         member_specs.append(member_spec)
-    weights_path = out_dir / "policy.npz"
-    partial = out_dir / "policy.npz.partial"
-    with partial.open("wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
-    os.replace(partial, weights_path)
+    weights_path = out_dir / POLICY_WEIGHTS_FILE
+
+    def write_weights(partial: Path) -> None:
+        with partial.open("wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+    write_atomic(weights_path, write_weights)
     spec = {
         "format": "tokenopt-policy",
         # Version 2 only when the file needs it, so older runtimes keep loading single policies.
@@ -150,7 +166,192 @@ def export_policy(
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "metadata": metadata or {},
     }
-    spec_partial = out_dir / "policy.json.partial"
-    spec_partial.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-    os.replace(spec_partial, out_dir / "policy.json")
+    text = json.dumps(spec, indent=2) + "\n"
+    write_atomic(out_dir / POLICY_SPEC_FILE, lambda partial: partial.write_text(text, encoding="utf-8"))
     return out_dir
+
+
+@dataclass
+class _LoadedRun:
+    """A trained run read back for export: its best model, normalisation and settings."""
+
+    run_dir: Path
+    model: Any
+    normalizer: Any
+    config: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def _load_run(run_dir: str | Path) -> _LoadedRun:
+    """Read a run's best model, VecNormalize statistics, config and table manifest.
+
+    Raises:
+        FileNotFoundError: the run has no trained model.
+    """
+    from stable_baselines3 import PPO
+
+    run = RunDir(run_dir)
+    run.require_trained()
+    model_path, stats_path = run.best_model, run.vecnormalize
+    config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    manifest = load_manifest(config["table"])
+    if config["algo"] == "maskable_ppo":
+        from sb3_contrib import MaskablePPO
+
+        model: Any = MaskablePPO.load(model_path, device="cpu")
+    else:
+        model = PPO.load(model_path, device="cpu")
+    # VecNormalize statistics are a training checkpoint (SB3's own pickle), read here
+    # offline only; the exported policy stores them as plain arrays.
+    import pickle
+
+    with stats_path.open("rb") as handle:
+        normalizer = pickle.load(handle)
+    return _LoadedRun(run.path, model, normalizer, config, dict(manifest))
+
+
+def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
+    """The keyword arguments of :func:`export_policy` that come from a run's settings."""
+    settings: dict[str, Any] = run.manifest["settings"]
+    env = str(run.config.get("env", "budget"))
+    return {
+        "actions": list(run.manifest["actions"]),
+        "feature_spec": run.manifest["feature_spec"],
+        "clip": float(run.normalizer.clip_obs),
+        "epsilon": float(run.normalizer.epsilon),
+        "answer_tokens": int(settings.get("max_answer_tokens", 8)) + 1,
+        "extra_inputs": _EXTRA_INPUTS.get(env, []),
+        "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
+        "probe": _probe_settings(run.manifest, run.config) if env == "probe" else None,
+    }
+
+
+def _probe_settings(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, object]:
+    """What a probe controller's runtime session needs to build its environment's observation.
+
+    ``train --env probe`` builds TokenBudgetProbe-v0 with its default mode and probe
+    price, so the checkpoints are that mode's budgets in the table's action table; an
+    ``escalate_mode`` given with ``--set`` is recorded only when set, so controllers
+    without one export as before.
+    """
+    from tokenopt.envs.probe import DEFAULT_MODE, DEFAULT_PROBE_TOKEN_PRICE
+
+    checkpoints = sorted(int(action["budget"]) for action in manifest["actions"] if action["mode"] == DEFAULT_MODE)
+    settings: dict[str, object] = {
+        "mode": DEFAULT_MODE, "checkpoints": checkpoints, "probe_token_price": DEFAULT_PROBE_TOKEN_PRICE
+    }  # fmt: skip
+    escalate_mode = (config.get("resolved_hyperparams") or {}).get("escalate_mode")
+    if escalate_mode is not None:
+        settings["escalate_mode"] = str(escalate_mode)
+    return settings
+
+
+def export_run(run_dir: str | Path, onnx: bool = False) -> Path:
+    """Export a run's best model as ``RUN/policy/`` (policy.json + policy.npz [+ policy.onnx]).
+
+    Raises:
+        FileNotFoundError: the run has no trained model.
+    """
+    run = _load_run(run_dir)
+    config, normalizer, model = run.config, run.normalizer, run.model
+    out = export_policy(
+        [model],
+        normalizer.obs_rms.mean,
+        normalizer.obs_rms.var,
+        RunDir(run.run_dir).policy,
+        policy_id=f"{run.run_dir.name}",
+        metadata={"table": config["table"], "cost_weight": config["cost_weight"], "algo": config["algo"]},
+        obs_count=float(normalizer.obs_rms.count),
+        **_policy_settings(run),
+    )
+    if onnx:
+        _export_onnx(model, out / "policy.onnx", len(normalizer.obs_rms.mean))
+    return out
+
+
+def export_ensemble(run_dirs: list[str | Path] | list[Path], out_dir: str | Path) -> Path:
+    """Export several runs (e.g. seeds) as one policy that averages their action probabilities.
+
+    Each member keeps its own observation normalisation (its run's VecNormalize
+    statistics), so the policy is written as format version 2.
+
+    Args:
+        run_dirs: trained run folders on the same table and environment.
+        out_dir: the policy folder to write.
+
+    Returns:
+        The policy folder.
+
+    Raises:
+        ValueError: fewer than two runs, or runs whose features, actions or
+            environment differ (naming the first run that differs).
+        FileNotFoundError: a run has no trained model.
+    """
+    if len(run_dirs) < 2:
+        raise ValueError(f"an ensemble needs at least two runs; got {len(run_dirs)}: {[str(r) for r in run_dirs]}")
+    runs = [_load_run(run_dir) for run_dir in run_dirs]
+    reference = _policy_settings(runs[0])
+    for run in runs[1:]:
+        settings = _policy_settings(run)
+        for key in ("feature_spec", "actions", "extra_inputs", "env_id", "probe", "clip", "epsilon"):
+            if settings[key] != reference[key]:
+                raise ValueError(
+                    f"cannot ensemble {run.run_dir} with {runs[0].run_dir}: their {key} differ "
+                    f"({settings[key]!r} vs {reference[key]!r}); train every member on the same table and env"
+                )
+    out_dir = Path(out_dir)
+    return export_policy(
+        [run.model for run in runs],
+        runs[0].normalizer.obs_rms.mean,
+        runs[0].normalizer.obs_rms.var,
+        out_dir,
+        policy_id=f"{out_dir.parent.name}-ensemble{len(runs)}",
+        metadata={
+            "table": runs[0].config["table"],
+            "cost_weight": runs[0].config["cost_weight"],
+            "members": [
+                {"run": str(run.run_dir), "seed": run.config.get("seed"), "algo": run.config["algo"]} for run in runs
+            ],
+        },
+        member_normalization=[(run.normalizer.obs_rms.mean, run.normalizer.obs_rms.var) for run in runs],
+        **reference,
+    )
+
+
+def _export_onnx(model: Any, path: Path, n_inputs: int) -> None:
+    """Logits-only ONNX export (the dynamo exporter fails on SB3's distributions)."""
+    import torch
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ValueError("--onnx needs the onnx package: pip install 'tokenopt[onnx]'") from None
+
+    class Logits(torch.nn.Module):
+        def __init__(self, policy: Any) -> None:
+            super().__init__()
+            self.policy = policy
+
+        def forward(self, observation: torch.Tensor) -> torch.Tensor:
+            latent = self.policy.mlp_extractor.forward_actor(observation)
+            return self.policy.action_net(latent)
+
+    # The TorchScript exporter is deprecated but needs no onnxscript, and the dynamo
+    # exporter fails on SB3's distribution classes; the logits-only module suits both.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX")
+        _torchscript_export(Logits(model.policy).eval(), path, n_inputs)
+
+
+def _torchscript_export(module: Any, path: Path, n_inputs: int) -> None:
+    import torch
+
+    torch.onnx.export(
+        module,
+        (torch.zeros(1, n_inputs),),
+        str(path),
+        input_names=["observation"],
+        output_names=["logits"],
+        dynamic_axes={"observation": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )

@@ -1,6 +1,6 @@
 """Off-policy refinement of an exported policy from a server's decision log (``tokenopt train --from-log``).
 
-A server that logs its decisions (:mod:`tokenopt.serve.log`) and receives feedback
+A server that logs its decisions (:mod:`tokenopt.decisions`) and receives feedback
 (``POST /v1/feedback``) collects logged bandit feedback: for each request the
 features x, the action a it served, the probability p (the propensity) with which
 its serving rule picked a, and the outcome. The reward of a row is
@@ -60,10 +60,11 @@ import numpy as np
 import torch
 import yaml
 
+from tokenopt.agents.common.hyperparams import ACTIVATIONS
 from tokenopt.agents.export import export_policy
-from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
-from tokenopt.runtime import BudgetPolicy
-from tokenopt.serve.log import LoggedDecisions, read_decisions
+from tokenopt.cost import CostSettings
+from tokenopt.decisions import LoggedDecisions, read_decisions
+from tokenopt.runtime import PROBE_ENV_ID, BudgetPolicy
 
 __all__ = [
     "FromLogConfig",
@@ -80,13 +81,11 @@ MIN_REGION_ROWS = 20
 """Rows under one old-policy decision from which a single logged action is warned about."""
 MIN_EFFECTIVE_ROWS = 30
 """Fewer effective held-out rows than this (or 10% of them) make the new policy's estimate a warning."""
-PROBE_ENV_ID = "tokenopt/TokenBudgetProbe-v0"
-_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}
 
 
 @dataclass
-class FromLogConfig:
-    """Settings of ``tokenopt train --from-log``."""
+class FromLogConfig(CostSettings):
+    """Settings of ``tokenopt train --from-log`` (the cost fields come from :class:`~tokenopt.cost.CostSettings`)."""
 
     log: str = ""
     """Decision log the server wrote (``--log``)."""
@@ -96,10 +95,6 @@ class FromLogConfig:
     """Run folder: ``policy/``, ``from_log.json``, ``config.yml``."""
     arm: str = "A"
     """A/B arm whose rows are used; its policy must share the policy's actions and features."""
-    cost_weight: float = DEFAULT_COST_WEIGHT
-    """lambda in ``reward = correct - lambda * cost``."""
-    token_price: float = 1.0
-    """Price of a billed token."""
     epochs: int = 30
     """Passes over the training rows; the clipping's reference policy is refreshed at each."""
     clip: float = 0.2
@@ -142,7 +137,7 @@ class FromLogConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0; got {value}")
-        CostModel(self.cost_weight, self.token_price)  # validates the prices
+        self.cost_model()  # validates the prices
 
     def with_overrides(self, overrides: dict[str, Any]) -> FromLogConfig:
         """A copy with ``--set key=value`` overrides applied.
@@ -211,9 +206,9 @@ class PolicyNetwork(torch.nn.Module):
         for weight, bias, activation in layers[:-1]:
             modules.append(self._linear(weight, bias))
             if activation != "none":
-                if activation not in _ACTIVATIONS:
+                if activation not in ACTIVATIONS:
                     raise ValueError(f"cannot refine a layer with activation {activation!r}; expected tanh or relu")
-                modules.append(_ACTIVATIONS[activation]())
+                modules.append(ACTIVATIONS[activation]())
         self.policy_net = torch.nn.Sequential(*modules)
         self.action_net = self._linear(*layers[-1][:2])
 
@@ -550,7 +545,7 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
     torch.manual_seed(config.seed)
     order = rng.permutation(n_rows)
     holdout, train = order[:n_holdout], order[n_holdout:]
-    cost_model = CostModel(config.cost_weight, config.token_price)
+    cost_model = config.cost_model()
     rewards = cost_model.reward(rows.correct, rows.billed_tokens)
 
     network = PolicyNetwork(policy.members[0])

@@ -21,8 +21,8 @@ import torch
 from tokenopt.actions import parse_modes
 from tokenopt.data import assign_split
 from tokenopt.demo.suite import SuiteConfig, generate_suite
-from tokenopt.lm.backend import TransformersLM
 from tokenopt.lm.decoding import DecodeStats, decode_with_budgets
+from tokenopt.lm.local import TransformersLM
 
 BUDGETS = [0, 2, 4, 8, 16, 32]
 MODES = "greedy,sc5,beam3"

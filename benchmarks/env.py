@@ -11,7 +11,7 @@ import time
 import numpy as np
 from stable_baselines3.common.env_util import make_vec_env
 
-from tokenopt.envs import TableBackend, TokenBudgetEnv, TokenBudgetStreamEnv
+from tokenopt.envs import TableSource, TokenBudgetEnv, TokenBudgetStreamEnv
 
 
 def main() -> None:
@@ -19,11 +19,11 @@ def main() -> None:
     parser.add_argument("table")
     parser.add_argument("--steps", type=int, default=20000)
     args = parser.parse_args()
-    backend = TableBackend(args.table, "train")
+    source = TableSource(args.table, "train")
     print("| environment | envs | steps/s |")
     print("|---|---|---|")
     for name, env_class in (("TokenBudget-v0", TokenBudgetEnv), ("TokenBudgetStream-v0", TokenBudgetStreamEnv)):
-        env = env_class(backend=backend)
+        env = env_class(source=source)
         env.reset(seed=0)
         rng = np.random.default_rng(0)
         actions = rng.integers(len(env.actions), size=args.steps)
@@ -33,7 +33,7 @@ def main() -> None:
             if terminated or truncated:
                 env.reset()
         print(f"| {name} | 1 | {args.steps / (time.perf_counter() - started):,.0f} |")
-        vec_env = make_vec_env(env_class, n_envs=8, seed=0, env_kwargs={"backend": backend})
+        vec_env = make_vec_env(env_class, n_envs=8, seed=0, env_kwargs={"source": source})
         vec_env.reset()
         batches = rng.integers(len(env.actions), size=(args.steps // 8, 8))
         started = time.perf_counter()

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from tokenopt.collect import CollectConfig, collect
-from tokenopt.collect_ray import RayConfig, collect_ray
+from tokenopt.collect.ray import RayConfig, collect_ray
 from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
-from tokenopt.outcomes import load_outcomes
+from tokenopt.table import load_outcomes
 
 BUDGETS = [0, 4, 8, 16, 32]
 MODES = ["greedy", "sc5", "beam3"]

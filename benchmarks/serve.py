@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite
-from tokenopt.metrics import exact_match
+from tokenopt.scoring import exact_match
 from tokenopt.serve import read_decisions
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from tokenopt.agents.pipeline import evaluate_policy, export_run
-from tokenopt.agents.train import TrainConfig, train
+from tokenopt.agents.export import evaluate_policy, export_run
+from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cost import CostModel
 
 

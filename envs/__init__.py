@@ -6,16 +6,16 @@ Importing this package registers ``tokenopt/TokenBudget-v0``,
 
 from gymnasium.envs.registration import register, registry
 
-from tokenopt.envs.backends import LiveLMBackend, Outcome, OutcomeBackend, TableBackend
 from tokenopt.envs.budget import TokenBudgetEnv
 from tokenopt.envs.probe import TokenBudgetProbeEnv
+from tokenopt.envs.sources import LiveLMSource, Outcome, OutcomeSource, TableSource
 from tokenopt.envs.stream import TokenBudgetStreamEnv
 
 __all__ = [
-    "LiveLMBackend",
+    "LiveLMSource",
     "Outcome",
-    "OutcomeBackend",
-    "TableBackend",
+    "OutcomeSource",
+    "TableSource",
     "TokenBudgetEnv",
     "TokenBudgetProbeEnv",
     "TokenBudgetStreamEnv",

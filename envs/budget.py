@@ -9,8 +9,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from tokenopt.cost import CostModel
-from tokenopt.envs.backends import OutcomeBackend, TableBackend
+from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
+from tokenopt.envs.sources import OutcomeSource, TableSource
 
 __all__ = ["TokenBudgetEnv"]
 
@@ -21,7 +21,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     ## Description
     Each episode draws one query of the split. The agent sees the query's feature
     vector and picks an action of the action table: a reasoning budget and a
-    decoding mode. The backend returns what that action did (exact match and tokens
+    decoding mode. The source returns what that action did (exact match and tokens
     billed), from a collected outcome table or from the live LM.
 
     ## Action Space
@@ -43,7 +43,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     ``action`` (its name) and ``query_id``.
 
     ## Arguments
-    - ``table``: an outcome-table folder, or ``backend``: any :class:`OutcomeBackend`.
+    - ``table``: an outcome-table folder, or ``source``: any :class:`OutcomeSource`.
     - ``split``: ``train``, ``val`` or ``test``.
     - ``cost_weight``, ``token_price``, ``prompt_token_price``, ``cost_normalizer``: the cost model.
     - ``action_type``: ``discrete`` or ``multidiscrete``.
@@ -59,21 +59,21 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         self,
         table: str | Path | None = None,
         split: str = "train",
-        cost_weight: float = 0.01,
+        cost_weight: float = DEFAULT_COST_WEIGHT,
         token_price: float = 1.0,
         prompt_token_price: float = 0.0,
         cost_normalizer: float = 1.0,
         action_type: str = "discrete",
         budgets: list[int] | None = None,
         modes: list[str] | None = None,
-        backend: OutcomeBackend | None = None,
+        source: OutcomeSource | None = None,
     ) -> None:
-        if (table is None) == (backend is None):
-            raise ValueError("give exactly one of table (an outcome-table folder) or backend")
-        self.backend: OutcomeBackend = backend if backend is not None else TableBackend(table, split, budgets, modes)
+        if (table is None) == (source is None):
+            raise ValueError("give exactly one of table (an outcome-table folder) or source")
+        self.source: OutcomeSource = source if source is not None else TableSource(table, split, budgets, modes)
         self.split = split
         self.cost_model = CostModel(cost_weight, token_price, prompt_token_price, cost_normalizer)
-        self.actions = self.backend.actions
+        self.actions = self.source.actions
         self.budgets = sorted({a.budget for a in self.actions})
         self.modes = list(dict.fromkeys(a.mode for a in self.actions))
         if action_type == "discrete":
@@ -85,7 +85,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         else:
             raise ValueError(f"unknown action_type {action_type!r}: expected discrete or multidiscrete")
         self.action_type = action_type
-        dim = self.backend.features.shape[1]
+        dim = self.source.features.shape[1]
         self.observation_space = spaces.Box(0.0, np.finfo(np.float32).max, shape=(dim,), dtype=np.float32)
         self._query = 0
         self._cheapest = int(np.argmin([a.budget * 1000 + self.modes.index(a.mode) for a in self.actions]))
@@ -109,7 +109,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
 
     def action_masks(self) -> np.ndarray:
         """Valid actions for the current query (flat, or budgets then modes for multidiscrete)."""
-        mask = self.backend.action_mask(self._query)
+        mask = self.source.action_mask(self._query)
         if self.action_type == "multidiscrete":
             grid = mask.reshape(len(self.modes), len(self.budgets))
             return np.concatenate([grid.any(axis=0), grid.any(axis=1)])
@@ -123,22 +123,22 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         if options and "query_index" in options:
             self._query = int(options["query_index"])
         else:
-            self._query = int(self.np_random.integers(len(self.backend.query_ids)))
-        return self.backend.features[self._query].copy(), {"query_id": self.backend.query_ids[self._query]}
+            self._query = int(self.np_random.integers(len(self.source.query_ids)))
+        return self.source.features[self._query].copy(), {"query_id": self.source.query_ids[self._query]}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Apply the action to the current query; the episode ends."""
         index = self._action_index(action)
         if not 0 <= index < len(self.actions):
             raise ValueError(f"action {action!r} is outside the action table of {len(self.actions)} actions")
-        if not self.backend.action_mask(self._query)[index]:
+        if not self.source.action_mask(self._query)[index]:
             index = self._cheapest
-        outcome = self.backend.outcome(self._query, index)
+        outcome = self.source.outcome(self._query, index)
         reward = float(self.cost_model.reward(outcome.exact_match, outcome.billed_tokens, outcome.prompt_tokens))
         info = {
             "em": outcome.exact_match,
             "billed_tokens": outcome.billed_tokens,
             "action": self.actions[index].name,
-            "query_id": self.backend.query_ids[self._query],
+            "query_id": self.source.query_ids[self._query],
         }
-        return self.backend.features[self._query].copy(), reward, True, False, info
+        return self.source.features[self._query].copy(), reward, True, False, info

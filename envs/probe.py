@@ -9,10 +9,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from tokenopt.cost import CostModel
+from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.data import SPLITS
-from tokenopt.outcomes import OutcomeMatrix, ReplayTable
-from tokenopt.runtime import PROBE_INPUTS
+from tokenopt.probe import PROBE_INPUTS, ProbeAction, answer_adjustment, probe_inputs, probe_observation, segment_bill
+from tokenopt.table import OutcomeMatrix, ReplayTable
 
 __all__ = ["DEFAULT_MODE", "DEFAULT_PROBE_TOKEN_PRICE", "PROBE_INPUTS", "TokenBudgetProbeEnv"]
 
@@ -21,8 +21,6 @@ DEFAULT_MODE = "greedy"
 
 DEFAULT_PROBE_TOKEN_PRICE = 1.0
 """Probe tokens cost what generated tokens cost unless told otherwise."""
-
-ANSWER, CONTINUE, ESCALATE = 0, 1, 2
 
 
 class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
@@ -98,7 +96,7 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         table: str | Path | None = None,
         split: str = "train",
         mode: str = DEFAULT_MODE,
-        cost_weight: float = 0.01,
+        cost_weight: float = DEFAULT_COST_WEIGHT,
         token_price: float = 1.0,
         probe_token_price: float = DEFAULT_PROBE_TOKEN_PRICE,
         replay: ReplayTable | None = None,
@@ -147,24 +145,22 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         i, k = self._query, self._step
         column = self.ladder[k]
         answers = [self.replay.answers[i, j] for j in self.ladder[: k + 1]]
-        extra = [
-            self._billed / max(self.max_budget, 1.0),
-            k / (len(self.ladder) - 1),
-            self.replay.answer_logprob[i, column],
-            float(k >= 1 and answers[-1] == answers[-2]),
-            float(k >= 2 and len(set(answers[-3:])) == 1),
-            self._changes / max(k, 1),
-            float(self.replay.natural_stop[i, column]),
-        ]
-        return np.concatenate([self.features[i], np.asarray(extra, dtype=np.float32)]).astype(np.float32)
+        inputs = probe_inputs(
+            self._billed, self.max_budget, k, len(self.ladder), self.replay.answer_logprob[i, column], answers,
+            self._changes, bool(self.replay.natural_stop[i, column]),
+        )  # fmt: skip
+        return probe_observation(self.features[i], inputs)
 
     def _probe_cost(self, step: int) -> float:
         """Tokens billed to reach checkpoint ``step`` from the previous one, and probe it."""
         i, column = self._query, self.ladder[step]
         previous = self.replay.reasoning_tokens[i, self.ladder[step - 1]] if step > 0 else 0.0
-        return (self.replay.reasoning_tokens[i, column] - previous) + self.probe_token_price * self.replay.probe_tokens[
-            i, column
-        ]
+        return segment_bill(
+            self.replay.reasoning_tokens[i, column],
+            previous,
+            self.replay.probe_tokens[i, column],
+            self.probe_token_price,
+        )
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Draw a query (``options={"query": row}`` picks one) and probe at the first checkpoint."""
@@ -195,9 +191,9 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         i = self._query
         reward = -self.cost_model.cost_weight * float(self.cost_model.cost(np.asarray(self._unpaid)))
         self._unpaid = 0.0
-        if int(action) == ESCALATE and not self._settled():
+        if int(action) == ProbeAction.ESCALATE and not self._settled():
             return self._escalate(reward)
-        if int(action) == CONTINUE and not self._settled():
+        if int(action) == ProbeAction.CONTINUE and not self._settled():
             before = self.replay.answers[i, self.ladder[self._step]]
             self._step += 1
             added = self._probe_cost(self._step)
@@ -208,7 +204,7 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
                 return self._observation(), reward, False, False, {}
         # Answer with the current probe: its cue and answer are the answer's, billed at the token price.
         column = self.ladder[self._step]
-        adjust = (1.0 - self.probe_token_price) * self.replay.probe_tokens[i, column]
+        adjust = answer_adjustment(self.replay.probe_tokens[i, column], self.probe_token_price)
         em = float(self.replay.matrix.exact_match[i, column])
         reward += em - self.cost_model.cost_weight * float(self.cost_model.cost(np.asarray(adjust)))
         info = {

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from tokenopt.envs.backends import OutcomeBackend, TableBackend
+from tokenopt.envs.sources import OutcomeSource, TableSource
 
 __all__ = ["TokenBudgetStreamEnv"]
 
@@ -41,7 +41,7 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
     ``terminated=True`` after the last query of the stream.
 
     ## Arguments
-    - ``table`` or ``backend``; ``split``.
+    - ``table`` or ``source``; ``split``.
     - ``stream_length``: queries per episode (default 16).
     - ``total_budget``: billed tokens for the whole stream; default
       ``budget_fraction`` times the tokens of the most expensive greedy action
@@ -61,33 +61,32 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
         stream_length: int = 16,
         total_budget: float | None = None,
         budget_fraction: float = 0.5,
-        backend: OutcomeBackend | None = None,
+        source: OutcomeSource | None = None,
     ) -> None:
-        if (table is None) == (backend is None):
-            raise ValueError("give exactly one of table (an outcome-table folder) or backend")
+        if (table is None) == (source is None):
+            raise ValueError("give exactly one of table (an outcome-table folder) or source")
         if stream_length < 1:
             raise ValueError(f"stream_length must be >= 1; got {stream_length}")
-        self.backend: OutcomeBackend = backend if backend is not None else TableBackend(table, split)
-        self.actions = self.backend.actions
+        self.source: OutcomeSource = source if source is not None else TableSource(table, split)
+        self.actions = self.source.actions
         self.stream_length = stream_length
         if total_budget is None:
-            if not isinstance(self.backend, TableBackend):
-                # Deriving it would run the LM on every query of the split first.
-                raise ValueError("give total_budget when the backend is not an outcome table")
             if not 0 < budget_fraction:
                 raise ValueError(f"budget_fraction must be > 0; got {budget_fraction}")
             greedy = [i for i, a in enumerate(self.actions) if a.mode == "greedy"] or list(range(len(self.actions)))
             largest = max(greedy, key=lambda i: self.actions[i].budget)
-            mean_tokens = np.mean(
-                [self.backend.outcome(q, largest).billed_tokens for q in range(len(self.backend.query_ids))]
-            )
+            costs = [self.source.known_costs(q) for q in range(len(self.source.query_ids))]
+            if any(cost is None for cost in costs):
+                # Deriving it would run the LM on every query of the split first.
+                raise ValueError("give total_budget when the source's costs are not known in advance (a live LM)")
+            mean_tokens = np.mean([float(cost[largest]) for cost in costs if cost is not None])
             total_budget = budget_fraction * stream_length * float(mean_tokens)
         if total_budget <= 0:
             raise ValueError(f"total_budget must be > 0; got {total_budget}")
         self.total_budget = float(total_budget)
         self._cheapest = int(np.argmin([a.budget * 1000 + (a.mode != "greedy") for a in self.actions]))
         self.action_space: spaces.Space[Any] = spaces.Discrete(len(self.actions))
-        dim = self.backend.features.shape[1] + 2
+        dim = self.source.features.shape[1] + 2
         self.observation_space = spaces.Box(0.0, np.finfo(np.float32).max, shape=(dim,), dtype=np.float32)
         self._order = np.zeros(stream_length, dtype=np.int64)
         self._position = 0
@@ -99,14 +98,14 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
             [self._left / self.total_budget, (self.stream_length - self._position) / self.stream_length],
             dtype=np.float32,
         )
-        return np.concatenate([self.backend.features[query], extra]).astype(np.float32)
+        return np.concatenate([self.source.features[query], extra]).astype(np.float32)
 
     def action_masks(self) -> np.ndarray:
         """Actions valid for the current query whose cost fits in what is left."""
         query = int(self._order[self._position])
-        mask = self.backend.action_mask(query)
-        if isinstance(self.backend, TableBackend):
-            costs = self.backend.matrix.billed_tokens[query]
+        mask = self.source.action_mask(query)
+        costs = self.source.known_costs(query)
+        if costs is not None:
             mask = mask & (costs <= self._left)
         if not mask.any():
             mask[self._cheapest] = True
@@ -117,7 +116,7 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Draw a new stream and give the first query."""
         super().reset(seed=seed)
-        self._order = self.np_random.integers(len(self.backend.query_ids), size=self.stream_length)
+        self._order = self.np_random.integers(len(self.source.query_ids), size=self.stream_length)
         self._position = 0
         self._left = self.total_budget
         return self._observation(), {"total_budget": self.total_budget}
@@ -128,12 +127,12 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
         if not 0 <= index < len(self.actions):
             raise ValueError(f"action {action!r} is outside the action table of {len(self.actions)} actions")
         query = int(self._order[self._position])
-        if not self.backend.action_mask(query)[index]:
+        if not self.source.action_mask(query)[index]:
             index = self._cheapest
-        outcome = self.backend.outcome(query, index)
+        outcome = self.source.outcome(query, index)
         if outcome.billed_tokens > self._left:
             index = self._cheapest
-            outcome = self.backend.outcome(query, index)
+            outcome = self.source.outcome(query, index)
         if outcome.billed_tokens > self._left:
             exact, billed = 0.0, 0.0
         else:
@@ -145,7 +144,7 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
             "em": exact,
             "billed_tokens": billed,
             "action": self.actions[index].name,
-            "query_id": self.backend.query_ids[query],
+            "query_id": self.source.query_ids[query],
             "budget_left": self._left,
         }
         return self._observation(), float(exact), terminated, False, info

@@ -20,7 +20,7 @@ def demo_questions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_lm():
-    from tokenopt.lm.backend import TransformersLM
+    from tokenopt.lm.local import TransformersLM
 
     return TransformersLM(device="cpu")
 
@@ -47,8 +47,8 @@ def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> Path:
     """A prompt-only policy trained briefly on the demo table and exported (policy folder)."""
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import TrainConfig, train
+    from tokenopt.agents.export import export_run
+    from tokenopt.agents.ppo.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("serve_policy") / "run"
     train(TrainConfig(table=str(demo_table), out=str(run), total_timesteps=12_288, eval_freq=4096, seed=0))
@@ -58,8 +58,8 @@ def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> P
 @pytest.fixture(scope="session")
 def probe_training(tmp_path_factory: pytest.TempPathFactory, demo_table: Path):
     """A probe controller trained briefly on the demo table (about 20 s on 2 cores), exported: (run, result)."""
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import TrainConfig, train
+    from tokenopt.agents.export import export_run
+    from tokenopt.agents.ppo.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("probe") / "run"
     result = train(TrainConfig(table=str(demo_table), out=str(run), env="probe", total_timesteps=24_576))
@@ -70,8 +70,8 @@ def probe_training(tmp_path_factory: pytest.TempPathFactory, demo_table: Path):
 @pytest.fixture(scope="session")
 def escalating_probe_training(tmp_path_factory: pytest.TempPathFactory, demo_table: Path):
     """A probe controller that may escalate to beam3, trained and exported like ``probe_training``: (run, result)."""
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import TrainConfig, train
+    from tokenopt.agents.export import export_run
+    from tokenopt.agents.ppo.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("probe_escalate") / "run"
     config = TrainConfig(

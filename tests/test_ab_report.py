@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tokenopt.agents.ab_test import (
+from tokenopt.agents.evaluation.ab_test import (
     ab_report,
     format_ab_report,
     normal_cdf,
@@ -20,7 +20,7 @@ from tokenopt.agents.ab_test import (
     welch_t_test,
 )
 from tokenopt.cli import app
-from tokenopt.serve.log import DecisionLog, DecisionRecord
+from tokenopt.decisions import DecisionLog, DecisionRecord
 
 runner = CliRunner(env={"COLUMNS": "2000"})
 ACTIONS = ["b0/greedy", "b8/greedy", "b32/greedy"]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokenopt.collect import OUTCOME_SCHEMA, CollectConfig, collect
-from tokenopt.outcomes import OutcomeMatrix, load_outcomes
+from tokenopt.table import OutcomeMatrix, load_outcomes
 
 BUDGETS = [0, 4, 16]
 MODES = ["greedy", "sc3"]

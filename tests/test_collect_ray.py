@@ -10,11 +10,11 @@ import pytest
 
 from tokenopt.collect import CollectConfig, collect
 from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
-from tokenopt.outcomes import load_outcomes
+from tokenopt.table import load_outcomes
 
 ray = pytest.importorskip("ray")
 
-from tokenopt.collect_ray import FAULT_ONCE_ENV, RayConfig, collect_ray  # noqa: E402
+from tokenopt.collect.ray import FAULT_ONCE_ENV, RayConfig, collect_ray  # noqa: E402
 
 BUDGETS = [0, 4, 16]
 MODES = ["greedy", "sc5"]

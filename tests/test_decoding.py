@@ -104,7 +104,7 @@ def test_shared_prefix_runs_fewer_forward_tokens(demo_lm, prompts):
 def test_tokenizer_round_trips_through_autotokenizer():
     from transformers import AutoTokenizer
 
-    from tokenopt.lm.backend import DEMO_MODEL_DIR
+    from tokenopt.demo import DEMO_MODEL_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
     text = "ball a ab ba? C 3+4*2-5?"

@@ -11,12 +11,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from tokenopt.agents.pipeline import export_ensemble, export_run
-from tokenopt.agents.train import TrainConfig, train
-from tokenopt.agents.warm_start import layerwise_lr_algo, layerwise_optimizer, load_init_source, warm_start
+from tokenopt.agents.export import export_ensemble, export_run
+from tokenopt.agents.ppo.train import TrainConfig, train
+from tokenopt.agents.ppo.warm_start import layerwise_lr_algo, layerwise_optimizer, load_init_source, warm_start
 from tokenopt.cli import app
-from tokenopt.outcomes import OutcomeMatrix, load_manifest
 from tokenopt.runtime import FORMAT_VERSION, BudgetPolicy, PolicyLoadError
+from tokenopt.table import OutcomeMatrix, load_manifest
 
 TINY = ["--total-timesteps", "4096", "--eval-freq", "2048"]
 
@@ -41,10 +41,10 @@ def _fresh_model(demo_table, *, algo_class=None, seed=11, **ppo_kwargs):
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from tokenopt.envs import TableBackend, TokenBudgetEnv
+    from tokenopt.envs import TableSource, TokenBudgetEnv
 
     matrix = OutcomeMatrix.from_table(demo_table)
-    vec_env = make_vec_env(TokenBudgetEnv, n_envs=2, seed=seed, env_kwargs={"backend": TableBackend(matrix, "train")})
+    vec_env = make_vec_env(TokenBudgetEnv, n_envs=2, seed=seed, env_kwargs={"backend": TableSource(matrix, "train")})
     vec_env = VecNormalize(vec_env, norm_reward=False, clip_obs=10.0)
     policy_kwargs = {"net_arch": {"pi": [64, 64], "vf": [64, 64]}, "activation_fn": torch.nn.Tanh}
     kwargs = {"n_steps": 64, "batch_size": 64, "n_epochs": 2, "gamma": 0.0} | ppo_kwargs

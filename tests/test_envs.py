@@ -11,8 +11,8 @@ from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import tokenopt.envs  # noqa: F401
-from tokenopt.envs import TableBackend, TokenBudgetEnv, TokenBudgetStreamEnv
-from tokenopt.outcomes import OutcomeMatrix
+from tokenopt.envs import TableSource, TokenBudgetEnv, TokenBudgetStreamEnv
+from tokenopt.table import OutcomeMatrix
 
 
 @pytest.mark.parametrize("env_id", ["tokenopt/TokenBudget-v0", "tokenopt/TokenBudgetStream-v0"])
@@ -92,7 +92,7 @@ def test_bad_configuration_is_named(demo_table, tmp_path):
     matrix = OutcomeMatrix.from_table(demo_table)
     matrix.features[np.flatnonzero(matrix.splits == "train")[4], 2] = np.nan
     with pytest.raises(ValueError, match="feature 2 of query row .* is nan"):
-        TableBackend(matrix, "train")
+        TableSource(matrix, "train")
     empty = tmp_path / "empty"
     shutil.copytree(demo_table, empty)
     shutil.rmtree(empty / "outcomes")
@@ -102,13 +102,13 @@ def test_bad_configuration_is_named(demo_table, tmp_path):
 
 def test_live_lm_backend_agrees_with_the_table_for_greedy(demo_table, demo_lm):
     from tokenopt.data import load_questions
-    from tokenopt.envs import LiveLMBackend
+    from tokenopt.envs import LiveLMSource
 
     queries = load_questions(demo_table.parent / "questions.jsonl")
-    live = LiveLMBackend(queries[:40], demo_lm, split="val")
-    table = TableBackend(str(demo_table), "val")
+    live = LiveLMSource(queries[:40], demo_lm, split="val")
+    table = TableSource(str(demo_table), "val")
     row_of = {query_id: i for i, query_id in enumerate(table.query_ids)}
-    env = TokenBudgetEnv(backend=live)
+    env = TokenBudgetEnv(source=live)
     greedy = [i for i, action in enumerate(env.actions) if action.mode == "greedy"]
     for query in range(min(4, len(live.query_ids))):
         for action in greedy:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tokenopt.agents.export import export_run
 from tokenopt.agents.from_log import (
     FromLogConfig,
     PolicyNetwork,
@@ -17,12 +18,11 @@ from tokenopt.agents.from_log import (
     refine_from_log,
     snips_gain_interval,
 )
-from tokenopt.agents.pipeline import export_run
-from tokenopt.agents.train import TrainConfig, train
+from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cli import app
-from tokenopt.outcomes import OutcomeMatrix
+from tokenopt.decisions import DecisionLog, DecisionRecord
 from tokenopt.runtime import BudgetPolicy
-from tokenopt.serve.log import DecisionLog, DecisionRecord
+from tokenopt.table import OutcomeMatrix
 
 runner = CliRunner(env={"COLUMNS": "2000"})  # rich wraps error messages at the console width
 TARGET_FAMILY = "chain"

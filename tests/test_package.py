@@ -26,7 +26,7 @@ def test_no_generic_top_level_package_is_installed(tmp_path, generic_name):
 
 
 def test_demo_lm_ships_inside_the_package():
-    from tokenopt.lm.backend import DEMO_MODEL_DIR
+    from tokenopt.demo import DEMO_MODEL_DIR
 
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (DEMO_MODEL_DIR / name).is_file(), name

@@ -12,7 +12,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import tokenopt.envs  # noqa: F401
 from tokenopt.envs import TokenBudgetProbeEnv
 from tokenopt.envs.probe import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS
-from tokenopt.outcomes import OutcomeMatrix, ReplayTable
+from tokenopt.table import OutcomeMatrix, ReplayTable
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_bad_settings_are_named(demo_table, replay):
 
 
 def test_learned_controller_beats_the_two_probes_agree_rule(probe_training, replay):
-    from tokenopt.agents.baselines import dynasor_points
+    from tokenopt.agents.evaluation.baselines import dynasor_points
     from tokenopt.cost import CostModel
     from tokenopt.runtime import BudgetPolicy
 
@@ -188,7 +188,7 @@ def test_escalating_env_is_seeded_and_picklable(demo_table):
 
 
 def test_bad_escalate_settings_are_named(replay, demo_table, tmp_path):
-    from tokenopt.agents.train import TrainConfig, train
+    from tokenopt.agents.ppo.train import TrainConfig, train
 
     with pytest.raises(ValueError, match="escalate_mode applies to --env probe, not --env budget"):
         train(TrainConfig(table=str(demo_table), out=str(tmp_path / "a"), hyperparams={"escalate_mode": "beam3"}))

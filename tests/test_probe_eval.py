@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tokenopt.agents.baselines import deer_points, dynasor_points, probe_controller_point, probe_oracle_point
-from tokenopt.agents.gate import query_questions
-from tokenopt.agents.pipeline import export_run
-from tokenopt.agents.train import TrainConfig, train
+from tokenopt.agents.evaluation.baselines import deer_points, dynasor_points, probe_controller_point, probe_oracle_point
+from tokenopt.agents.evaluation.gate import query_questions
+from tokenopt.agents.export import export_run
+from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cli import app
 from tokenopt.cost import CostModel
 from tokenopt.envs import TokenBudgetProbeEnv
 from tokenopt.envs.probe import CONTINUE as ENV_CONTINUE
-from tokenopt.outcomes import OutcomeMatrix, ReplayTable
 from tokenopt.runtime import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS, BudgetPolicy, PolicyLoadError
+from tokenopt.table import OutcomeMatrix, ReplayTable
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +247,7 @@ def per_query_run(tmp_path_factory, demo_table):
 
 
 def test_eval_cli_scores_the_probe_controller_and_reuses_its_sweep(tmp_path, per_query_run, probe_run, demo_table):
-    from tokenopt.agents.scoreboard import ScoreboardConfig, _train_for_weight
+    from tokenopt.agents.evaluation.scoreboard import ScoreboardConfig, _train_for_weight
 
     out = tmp_path / "eval"
     args = ["eval", str(per_query_run), "--table", str(demo_table), "--out", str(out), "--probe-run", str(probe_run)]

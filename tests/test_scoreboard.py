@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tokenopt.agents.baselines import (
+from tokenopt.agents.evaluation.baselines import (
     ReplayTable,
     adaptive_consistency_points,
     dynasor_points,
@@ -15,9 +15,9 @@ from tokenopt.agents.baselines import (
     router_points,
     tale_points,
 )
-from tokenopt.agents.pipeline import export_run
-from tokenopt.agents.scoreboard import area_under, curve_at, envelope, tokens_to_reach
-from tokenopt.agents.train import TrainConfig, train
+from tokenopt.agents.evaluation.scoreboard import area_under, curve_at, envelope, tokens_to_reach
+from tokenopt.agents.export import export_run
+from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cli import app
 
 

@@ -9,12 +9,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from tokenopt.agents.cv import fold_splits
-from tokenopt.agents.export import export_policy
-from tokenopt.agents.gate import GateConfig, paired_bootstrap_lower_bound, run_gate
-from tokenopt.agents.pipeline import export_run
-from tokenopt.agents.train import ENV_IDS, TrainConfig, _check_keys, load_config, train
-from tokenopt.agents.tune import GRID, objective_value, trials_to_run
+from tokenopt.agents.evaluation.cv import fold_splits
+from tokenopt.agents.evaluation.gate import GateConfig, paired_bootstrap_lower_bound, run_gate
+from tokenopt.agents.export import export_policy, export_run
+from tokenopt.agents.ppo.train import ENV_IDS, TrainConfig, _check_keys, load_config, train
+from tokenopt.agents.ppo.tune import GRID, objective_value, trials_to_run
 from tokenopt.cli import app
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
 

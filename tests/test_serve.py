@@ -279,7 +279,7 @@ def test_bypass_returns_token_logprobs_when_asked(server, demo_lm):
 
 
 def test_a_log_from_a_newer_schema_is_refused(tmp_path):
-    from tokenopt.serve.log import LOG_VERSION, DecisionLog
+    from tokenopt.decisions import LOG_VERSION, DecisionLog
 
     DecisionLog(tmp_path / "log.sqlite").close()
     with sqlite3.connect(tmp_path / "log.sqlite") as connection:

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tokenopt.agents.pipeline import evaluate_policy, export_run
-from tokenopt.agents.train import TrainConfig, train
+from tokenopt.agents.export import evaluate_policy, export_run
+from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cost import CostModel
-from tokenopt.outcomes import OutcomeMatrix
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
+from tokenopt.table import OutcomeMatrix
 
 
 @pytest.fixture(scope="module")

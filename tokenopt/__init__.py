@@ -3,7 +3,7 @@
 from tokenopt.actions import Action, Mode, build_action_table, parse_budgets, parse_modes
 from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.features import FeatureSpec, PromptFeatures
-from tokenopt.metrics import exact_match, normalize_answer
+from tokenopt.scoring import exact_match, normalize_answer
 
 __version__ = "0.1.0"
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 __all__ = ["Action", "Mode", "build_action_table", "parse_budgets", "parse_mode", "parse_modes"]
 
 _MODE_PATTERN = re.compile(r"^(greedy|beam(\d+)|sc(\d+))$")
+_ACTION_PATTERN = re.compile(r"^b(\d+)/(\S+)$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,18 @@ class Action:
     def name(self) -> str:
         """The action's name in tables and logs, e.g. ``b16/sc5``."""
         return f"b{self.budget}/{self.mode}"
+
+    @classmethod
+    def parse(cls, name: str) -> Action:
+        """The action of a name such as ``b16/sc5`` (the one parser of action names).
+
+        Raises:
+            ValueError: the name is not ``b<budget>/<mode>`` with a budget >= 0 and a known mode.
+        """
+        match = _ACTION_PATTERN.match(name.strip())
+        if not match:
+            raise ValueError(f"action {name!r} is not of the form b<budget>/<mode>, e.g. b16/greedy or b0/sc5")
+        return cls(int(match.group(1)), parse_mode(match.group(2)).name)
 
 
 def parse_mode(name: str) -> Mode:

@@ -159,7 +159,7 @@ def collect(
             if ray_address is not None and not ray:
                 raise ValueError(f"unexpected argument {ray_address!r}: a Ray address follows --ray")
             if ray:
-                from tokenopt.collect_ray import RayConfig, collect_ray
+                from tokenopt.collect.ray import RayConfig, collect_ray
 
                 ray_config = RayConfig(ray_address, ray_workers, cpus_per_worker, gpus_per_worker)
                 summary = collect_ray(config, ray_config, progress=report)
@@ -241,7 +241,7 @@ def demo_lm_check(
     work_dir: Annotated[Path, typer.Option(help="Scratch folder for the outcome table.")] = Path("runs/demo-check"),
 ) -> None:
     """Collect the demo test split with an LM and print its property table."""
-    from tokenopt.lm.backend import DEMO_MODEL_DIR
+    from tokenopt.demo import DEMO_MODEL_DIR
 
     _check_demo(model or DEMO_MODEL_DIR, work_dir / "table", work_dir)
 
@@ -348,9 +348,9 @@ def train(
         )
         return
 
-    from tokenopt.agents.pipeline import export_ensemble, export_run, format_seed_report, seed_report
-    from tokenopt.agents.train import CONFIG_DIR, TrainConfig, TrainResult
-    from tokenopt.agents.train import train as run_train
+    from tokenopt.agents.export import export_ensemble, export_run, format_seed_report, seed_report
+    from tokenopt.agents.ppo.train import CONFIG_DIR, TrainConfig, TrainResult
+    from tokenopt.agents.ppo.train import train as run_train
     from tokenopt.cost import CostModel
 
     try:
@@ -496,7 +496,7 @@ def export_command(
     onnx: Annotated[bool, typer.Option(help="Also write policy.onnx (logits only).")] = False,
 ) -> None:
     """Export a run's best model as a pickle-free runtime policy (RUN/policy/)."""
-    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.export import export_run
 
     try:
         path = export_run(run, onnx=onnx)
@@ -533,7 +533,7 @@ def eval_command(
     ] = None,
 ) -> None:
     """Score the policy against fixed budgets, TALE, Dynasor, DEER, Adaptive-Consistency, RouteLLM and the oracle."""
-    from tokenopt.agents.scoreboard import ScoreboardConfig, run_scoreboard
+    from tokenopt.agents.evaluation.scoreboard import ScoreboardConfig, run_scoreboard
 
     try:
         weights = tuple(_split_list(cost_weights, float, "--cost-weights"))
@@ -568,9 +568,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of training.")] = 0,
 ) -> None:
     """Collect the demo (reusing a cached table), train, export and evaluate on the test split."""
-    from tokenopt.agents.pipeline import evaluate_policy, export_run, format_table, save_report
-    from tokenopt.agents.train import TrainConfig
-    from tokenopt.agents.train import train as run_train
+    from tokenopt.agents.export import evaluate_policy, export_run, format_table, save_report
+    from tokenopt.agents.ppo.train import TrainConfig
+    from tokenopt.agents.ppo.train import train as run_train
     from tokenopt.collect import CollectConfig
     from tokenopt.collect import collect as run_collect
 
@@ -617,7 +617,7 @@ def gate_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
 ) -> None:
     """Deployment gate: exit 0 if NEW is not worse than OLD on a split, 1 if it is, 2 on bad input."""
-    from tokenopt.agents.gate import GateConfig, format_gate, run_gate, save_gate
+    from tokenopt.agents.evaluation.gate import GateConfig, format_gate, run_gate, save_gate
 
     try:
         settings = GateConfig(
@@ -660,8 +660,8 @@ def cv_command(
     ] = None,
 ) -> None:
     """K-fold cross-validation over query ids: train one policy per fold, test it on its fold."""
-    from tokenopt.agents.cv import cross_validate, format_cv
-    from tokenopt.agents.train import CONFIG_DIR, TrainConfig
+    from tokenopt.agents.evaluation.cv import cross_validate, format_cv
+    from tokenopt.agents.ppo.train import CONFIG_DIR, TrainConfig
 
     try:
         settings = TrainConfig(
@@ -719,8 +719,8 @@ def tune_command(
     ] = None,
 ) -> None:
     """Tune PPO hyperparameters with Optuna (resumable); write the best set as OUT/best.yml."""
-    from tokenopt.agents.train import CONFIG_DIR, TrainConfig
-    from tokenopt.agents.tune import TuneConfig, tune
+    from tokenopt.agents.ppo.train import CONFIG_DIR, TrainConfig
+    from tokenopt.agents.ppo.tune import TuneConfig, tune
 
     try:
         base = TrainConfig(
@@ -771,7 +771,7 @@ def ab_report_command(
     alpha: Annotated[float, typer.Option(help="Significance level of both two-sided tests, in (0, 1).")] = 0.05,
 ) -> None:
     """Compare arms A and B of a decision log: EM (z-test on feedback) and billed tokens (Welch's t-test)."""
-    from tokenopt.agents.ab_test import ab_report, format_ab_report
+    from tokenopt.agents.evaluation.ab_test import ab_report, format_ab_report
 
     try:
         report = ab_report(log, alpha)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_COST_WEIGHT", "CostModel"]
+__all__ = ["DEFAULT_COST_WEIGHT", "CostModel", "CostSettings"]
 
 DEFAULT_COST_WEIGHT = 0.01
 """Default lambda: 100 billed tokens cost as much as one exact match."""
@@ -44,3 +44,28 @@ class CostModel:
     ) -> np.ndarray:
         """``EM - lambda * cost`` for each action."""
         return np.asarray(exact_match, dtype=np.float64) - self.cost_weight * self.cost(billed_tokens, prompt_tokens)
+
+
+@dataclass
+class CostSettings:
+    """The cost fields of a command's settings (train, gate, from-log, ...), declared once.
+
+    A config dataclass inherits them and builds its :class:`CostModel` with
+    :meth:`cost_model`, so every command prices tokens the same way.
+    """
+
+    cost_weight: float = DEFAULT_COST_WEIGHT
+    """lambda in ``reward = EM - lambda * cost``."""
+    token_price: float = 1.0
+    """Price of a billed token."""
+    prompt_token_price: float = 0.0
+    """Price of a prompt token."""
+
+    def cost_model(self, cost_weight: float | None = None) -> CostModel:
+        """The cost model of these prices, at ``cost_weight`` (default: the configured lambda).
+
+        Raises:
+            ValueError: a price or the weight is negative or not finite.
+        """
+        weight = self.cost_weight if cost_weight is None else cost_weight
+        return CostModel(weight, self.token_price, self.prompt_token_price)

@@ -30,13 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from tokenopt.features import FeatureSpec, PromptFeatures
-from tokenopt.metrics import normalize_answer
+from tokenopt.probe import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS, ProbeAction, probe_inputs, probe_observation
+from tokenopt.scoring import normalize_answer
 
 __all__ = [
     "ANSWER",
     "CONTINUE",
     "ESCALATE",
     "FORMAT_VERSION",
+    "POLICY_SPEC_FILE",
+    "POLICY_WEIGHTS_FILE",
     "PROBE_ENV_ID",
     "PROBE_INPUTS",
     "BudgetPolicy",
@@ -52,22 +55,15 @@ FORMAT_VERSION = 2
 Version 2 added per-member normalisation arrays; an export without them is written as
 version 1, so older runtimes still load single policies."""
 
+POLICY_SPEC_FILE = "policy.json"
+"""The policy artifact's description (format, features, actions, layer shapes, sha256 of the weights)."""
+
+POLICY_WEIGHTS_FILE = "policy.npz"
+"""The policy artifact's arrays, loaded with ``allow_pickle=False``."""
+
 PROBE_ENV_ID = "tokenopt/TokenBudgetProbe-v0"
 """The environment of probe controllers."""
 
-PROBE_INPUTS = [
-    "tokens_spent_fraction",
-    "checkpoint_fraction",
-    "probe_logprob",
-    "agrees_with_last",
-    "last_three_agree",
-    "answer_changes_fraction",
-    "stopped_by_itself",
-]
-"""What the probes said so far, appended to the prompt features (in this order)."""
-
-ANSWER, CONTINUE, ESCALATE = "answer", "continue", "escalate"
-"""A probe controller's decisions (its outputs 0, 1 and, with an ``escalate_mode``, 2)."""
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
@@ -255,7 +251,7 @@ class BudgetPolicy:
         """
         path = Path(path)
         folder = path.parent if path.suffix == ".json" else path
-        spec_path, weights_path = folder / "policy.json", folder / "policy.npz"
+        spec_path, weights_path = folder / POLICY_SPEC_FILE, folder / POLICY_WEIGHTS_FILE
         for required in (spec_path, weights_path):
             if not required.is_file():
                 raise PolicyLoadError(f"{required} is missing; export the run with `tokenopt export RUN`")
@@ -412,7 +408,7 @@ class ProbeSession:
 
         Args:
             answer: the probe's answer text (compared with earlier probes after
-                :func:`tokenopt.metrics.normalize_answer`, as collection compares answers).
+                :func:`tokenopt.scoring.normalize_answer`, as collection compares answers).
             logprob: the mean log-probability of the probe answer's tokens.
             tokens_spent: tokens billed for the request so far: the reasoning up to here
                 plus every probe's cue and answer tokens (this one's included), probe
@@ -451,24 +447,18 @@ class ProbeSession:
         self._changes += int(bool(self._answers) and normalized != self._answers[-1])
         self._answers.append(normalized)
         self._tokens_spent = float(tokens_spent)
-        recent = self._answers[-3:]
-        probes = [
-            self._tokens_spent / max(float(self.settings.max_budget), 1.0),
-            step / last,
-            float(logprob),
-            float(step >= 1 and recent[-1] == recent[-2]),
-            float(step >= 2 and len(set(recent)) == 1),
-            self._changes / max(step, 1),
-            float(stopped),
-        ]
-        self.observation = np.concatenate([self._features, np.asarray(probes, dtype=np.float32)])
+        inputs = probe_inputs(
+            self._tokens_spent, self.settings.max_budget, step, len(self.checkpoints), logprob, self._answers,
+            self._changes, stopped,
+        )  # fmt: skip
+        self.observation = probe_observation(self._features, inputs)
         if stopped or step == last:
             # Reasoning on changes nothing (or cannot go further): the environment answers here too.
             self.probabilities = None
             self.decision = ANSWER
         else:
             self.probabilities = self.policy.probabilities(self.observation[None, :])[0]
-            self.decision = (ANSWER, CONTINUE, ESCALATE)[int(np.argmax(self.probabilities))]
+            self.decision = ProbeAction(int(np.argmax(self.probabilities))).decision
         if self.decision != CONTINUE:
             self.done = True
         else:

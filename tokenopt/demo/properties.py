@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tokenopt.cost import CostModel
-from tokenopt.outcomes import OutcomeMatrix
+from tokenopt.table import OutcomeMatrix
 
 __all__ = ["PropertyCheck", "PropertyThresholds", "check_properties", "property_table"]
 

@@ -1,13 +1,12 @@
-"""Language-model backends: generation with budget forcing and decoding modes."""
+"""The language model: a local transformers LM or an OpenAI-compatible upstream, with budget forcing."""
 
-from tokenopt.lm.backend import ModeOutcome, PromptFormat, TransformersLM, resolve_device
 from tokenopt.lm.decoding import DecodeSettings, DecodeStats, SequenceOutcome, decode_with_budgets
+from tokenopt.lm.local import ModeOutcome, TransformersLM, resolve_device
 
 __all__ = [
     "DecodeSettings",
     "DecodeStats",
     "ModeOutcome",
-    "PromptFormat",
     "SequenceOutcome",
     "TransformersLM",
     "decode_with_budgets",

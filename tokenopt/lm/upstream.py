@@ -23,7 +23,7 @@ prompt and the cut trace. The trace is sent back as text, so the branch equals a
 run when the server tokenises prompt + trace + cue into the same tokens it generated
 (true of character-level and most BPE vocabularies at word boundaries).
 
-``greedy`` reproduces :class:`tokenopt.lm.backend.TransformersLM`'s outcomes; ``sc<k>``
+``greedy`` reproduces :class:`tokenopt.lm.local.TransformersLM`'s outcomes; ``sc<k>``
 sends k seeded samples (one request each, since llama.cpp's server and tokenopt's
 bypass take ``n=1`` only) with the same billing and vote, but the server's sampler
 draws other tokens than the local one; ``beam<k>`` has no portable OpenAI parameter
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenopt.actions import Mode
-from tokenopt.lm.backend import ModeOutcome, PromptFormat, summarise
+from tokenopt.lm.local import ModeOutcome, summarise
+from tokenopt.prompt import PromptFormat
 
 __all__ = ["UpstreamError", "UpstreamLM", "UpstreamPrompt", "UpstreamStats"]
 
@@ -355,15 +356,7 @@ class UpstreamLM:
         return self._extract(kept), logprob, len(kept), billed
 
     def _extract(self, answer_tokens: list[str]) -> str:
-        import re
-
-        text = "".join(answer_tokens).strip()
-        if self.prompt_format.answer_regex is None:
-            return text
-        match = re.search(self.prompt_format.answer_regex, text)
-        if match is None:
-            return ""
-        return (match.group(1) if match.groups() else match.group(0)).strip()
+        return self.prompt_format.extract_answer("".join(answer_tokens))
 
     def _find_cue(self, tokens: list[str], limit: int) -> tuple[int, int] | None:
         """(reasoning tokens, cue tokens) where the trace wrote the cue within its first ``limit`` tokens."""
@@ -461,7 +454,7 @@ class UpstreamLM:
         return outcome
 
     def _summarise(self, sequences: list[_Sequence], mode: Mode) -> ModeOutcome:
-        """Bill and vote as the local backend does (:func:`tokenopt.lm.backend.summarise`)."""
+        """Bill and vote as the local backend does (:func:`tokenopt.lm.local.summarise`)."""
         return summarise(
             mode,
             answers=[sequence.answer for sequence in sequences],

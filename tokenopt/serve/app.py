@@ -33,9 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tokenopt.decisions import DecisionLog, DecisionRecord
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
 from tokenopt.serve.backends import BackendError, Generation, UpstreamError
-from tokenopt.serve.log import DecisionLog, DecisionRecord
 from tokenopt.serve.metrics import ServeMetrics
 
 __all__ = ["RequestError", "ServeConfig", "ServerState", "create_app"]
@@ -1007,18 +1007,10 @@ def build_backend(config: ServeConfig) -> Any:
     from tokenopt.serve.backends import LocalBackend, UpstreamBackend
 
     if config.upstream:
-        from tokenopt.lm.backend import PromptFormat
+        from tokenopt.prompt import PromptFormat
 
-        regex = PromptFormat(answer_cue=config.answer_cue, answer_regex=config.answer_regex).answer_regex
-        extractor = None
-        if regex:
-            import re
-
-            pattern = re.compile(regex)
-
-            def extractor(text: str) -> str:
-                match = pattern.search(text)
-                return "" if match is None else (match.group(1) if match.groups() else match.group(0)).strip()
+        prompt_format = PromptFormat(answer_cue=config.answer_cue, answer_regex=config.answer_regex)
+        extractor = prompt_format.extract_answer if prompt_format.answer_regex else None
 
         return UpstreamBackend(
             config.upstream,
@@ -1031,7 +1023,8 @@ def build_backend(config: ServeConfig) -> Any:
             temperature=config.temperature,
             prompt_template=config.prompt_template,
         )
-    from tokenopt.lm.backend import PromptFormat, TransformersLM
+    from tokenopt.lm.local import TransformersLM
+    from tokenopt.prompt import PromptFormat
 
     prompt_format = PromptFormat(
         template=config.prompt_template,

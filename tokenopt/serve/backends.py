@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenopt.actions import Mode, parse_mode
-from tokenopt.metrics import normalize_answer
+from tokenopt.scoring import majority_vote
 
 __all__ = ["BackendError", "Generation", "LocalBackend", "UpstreamBackend", "UpstreamError"]
 
@@ -95,7 +95,7 @@ class LocalBackend:
     trained on.
 
     Args:
-        lm: a loaded :class:`tokenopt.lm.backend.TransformersLM`.
+        lm: a loaded :class:`tokenopt.lm.local.TransformersLM`.
         max_batch: most requests decoded together.
         batch_wait_ms: how long the worker waits for more requests to join a batch.
     """
@@ -415,7 +415,7 @@ class UpstreamBackend:
             forcing_tokens += int(usage.get("completion_tokens", 0))
             prompt_tokens = prompt_tokens or int(usage.get("prompt_tokens", 0))
         extracted = [self.answer_extractor(answer or "") for answer in answers]
-        chosen = _majority(extracted)
+        chosen = majority_vote(extracted)
         text = f"{reasoning[chosen]}{self.answer_cue}{answers[chosen] or ''}"
         return Generation(
             text=text,
@@ -439,7 +439,7 @@ class UpstreamBackend:
         if stop:
             body["stop"] = stop
         data = await self._post(body)
-        from tokenopt.lm.backend import PlainCompletion
+        from tokenopt.lm.local import PlainCompletion
 
         usage = data.get("usage") or {}
         prompt_tokens = int(usage.get("prompt_tokens", 0))
@@ -460,13 +460,3 @@ class UpstreamBackend:
     async def aclose(self) -> None:
         """Close the HTTP client."""
         await self.client.aclose()
-
-
-def _majority(answers: list[str]) -> int:
-    """Index of the first answer of the most frequent normalised answer."""
-    keys = [normalize_answer(answer) for answer in answers]
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    best = max(counts, key=lambda key: counts[key])
-    return keys.index(best)

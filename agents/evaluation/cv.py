@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from tokenopt.agents.gate import policy_choices, query_questions
-from tokenopt.agents.train import TrainConfig, evaluate_actions, train
-from tokenopt.cost import CostModel
-from tokenopt.outcomes import OutcomeMatrix
+from tokenopt.agents.common.evaluation import policy_choices, query_questions
+from tokenopt.agents.ppo.train import TrainConfig, train
+from tokenopt.table import OutcomeMatrix, evaluate_actions
 
 __all__ = ["CVResult", "FoldResult", "cross_validate", "fold_splits", "format_cv"]
 
@@ -141,7 +140,7 @@ def cross_validate(
     Raises:
         ValueError: bad K, settings or table (the message names the bad value).
     """
-    from tokenopt.agents.pipeline import export_run
+    from tokenopt.agents.export import export_run
     from tokenopt.runtime import BudgetPolicy
 
     started = time.perf_counter()
@@ -150,7 +149,7 @@ def cross_validate(
     matrix = OutcomeMatrix.from_table(base.table)
     columns = fold_splits(matrix.ids, folds, seed, val_fraction)
     questions = query_questions(base.table)
-    cost_model = CostModel(base.cost_weight, base.token_price, base.prompt_token_price)
+    cost_model = base.cost_model()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

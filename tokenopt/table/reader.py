@@ -1,4 +1,4 @@
-"""Reading an outcome table back, as per-query x per-action matrices."""
+"""Reading an outcome table back, as per-query x per-action matrices (never imports the writer)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenopt.collect import SCHEMA_VERSION
+from tokenopt.actions import Action
 from tokenopt.cost import CostModel
-from tokenopt.metrics import normalize_answer
+from tokenopt.scoring import normalize_answer
+from tokenopt.table.schema import FEATURES_FILE, MANIFEST_FILE, OUTCOMES_DIR, QUERIES_FILE, SCHEMA_VERSION
 
 __all__ = ["OutcomeMatrix", "ReplayTable", "load_manifest", "load_outcomes"]
 
@@ -24,7 +25,7 @@ def load_manifest(directory: str | Path) -> dict[str, object]:
         FileNotFoundError: the folder holds no ``manifest.json``.
         ValueError: the table's schema version is not this tokenopt's.
     """
-    path = Path(directory) / "manifest.json"
+    path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an outcome table: {path} is missing (run `tokenopt collect`)")
     manifest: dict[str, object] = json.loads(path.read_text(encoding="utf-8"))
@@ -39,7 +40,7 @@ def load_outcomes(directory: str | Path) -> pa.Table:
     """All outcome rows of a table, shard by shard in order."""
     directory = Path(directory)
     load_manifest(directory)
-    parts = sorted((directory / "outcomes").glob("part-*.parquet"))
+    parts = sorted((directory / OUTCOMES_DIR).glob("part-*.parquet"))
     if not parts:
         raise ValueError(f"{directory} has no outcome shards yet; run `tokenopt collect --out {directory}`")
     return pa.concat_tables([pq.read_table(part) for part in parts])
@@ -101,14 +102,14 @@ class OutcomeMatrix:
             )
         features = families = None
         directory = Path(directory)
-        if (directory / "features.parquet").is_file():
-            feature_table = pq.read_table(directory / "features.parquet")
+        if (directory / FEATURES_FILE).is_file():
+            feature_table = pq.read_table(directory / FEATURES_FILE)
             feature_of = dict(
                 zip(feature_table.column("id").to_pylist(), feature_table.column("features").to_pylist(), strict=True)
             )
             features = np.asarray([feature_of[query_id] for query_id in ids], dtype=np.float32)
-        if (directory / "queries.parquet").is_file():
-            query_table = pq.read_table(directory / "queries.parquet")
+        if (directory / QUERIES_FILE).is_file():
+            query_table = pq.read_table(directory / QUERIES_FILE)
             if "family" in query_table.column_names:
                 family_of = dict(
                     zip(query_table.column("id").to_pylist(), query_table.column("family").to_pylist(), strict=True)
@@ -137,6 +138,26 @@ class OutcomeMatrix:
             None if self.features is None else self.features[indices],
             None if self.families is None else self.families[indices],
         )
+
+    @property
+    def parsed_actions(self) -> list[Action]:
+        """The action table, parsed."""
+        return [Action.parse(name) for name in self.actions]
+
+    @property
+    def mode_names(self) -> list[str]:
+        """The table's modes, in action-table order."""
+        return list(dict.fromkeys(action.mode for action in self.parsed_actions))
+
+    def mode_columns(self, mode: str) -> list[int]:
+        """Action columns of one mode, in action-table order."""
+        return [j for j, action in enumerate(self.parsed_actions) if action.mode == mode]
+
+    def max_budget_greedy(self) -> int:
+        """Column of max-budget greedy (what most deployments do), or of the largest budget without greedy."""
+        parsed = self.parsed_actions
+        candidates = self.mode_columns("greedy") or list(range(len(parsed)))
+        return max(candidates, key=lambda j: parsed[j].budget)
 
     def rewards(self, cost_model: CostModel) -> np.ndarray:
         """Reward of every (query, action)."""
@@ -225,8 +246,9 @@ class ReplayTable:
                 np.asarray(columns["sample_tokens"][k], dtype=np.float64),
                 np.asarray(columns["sample_logprobs"][k], dtype=np.float64),
             )
-        budgets = np.array([int(name.split("/")[0][1:]) for name in matrix.actions])
-        modes = [name.split("/")[1] for name in matrix.actions]
+        parsed = matrix.parsed_actions
+        budgets = np.array([action.budget for action in parsed])
+        modes = [action.mode for action in parsed]
         return cls(matrix, budgets, modes, answers, probe, reasoning, natural, samples, logprob)
 
     def take(self, indices: np.ndarray) -> ReplayTable:

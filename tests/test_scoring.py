@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenopt.metrics import exact_match, normalize_answer
+from tokenopt.scoring import exact_match, normalize_answer
 
 
 def test_squad_normalisation():

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,16 +28,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tokenopt.collect import CollectConfig, CollectSummary, collect, collect_shard
+from tokenopt.collect.config import CollectConfig, CollectSummary
+from tokenopt.collect.local import collect, collect_shard
 from tokenopt.data import Query
+from tokenopt.table.schema import write_table_atomic
 
-__all__ = ["FAULT_ONCE_ENV", "RayConfig", "collect_ray"]
+__all__ = ["RayConfig", "collect_ray"]
 
 logger = logging.getLogger(__name__)
-
-FAULT_ONCE_ENV = "TOKENOPT_RAY_FAULT_ONCE"
-"""Fault injection for tests: names a marker file; the first actor that finds the file,
-mid-shard, removes it and exits its process, as a crashed worker would."""
 
 INSTALL_HINT = "pip install 'tokenopt[ray]'"
 
@@ -107,17 +103,11 @@ class _ShardActor:
         import torch
 
         from tokenopt.actions import parse_budgets, parse_modes
-        from tokenopt.lm.backend import PromptFormat, TransformersLM
+        from tokenopt.lm.local import TransformersLM
 
         torch.set_num_threads(threads)
         self.config = CollectConfig(**settings)
-        prompt_format = PromptFormat(
-            template=self.config.prompt_template,
-            answer_cue=self.config.answer_cue,
-            answer_regex=self.config.answer_regex,
-            max_answer_tokens=self.config.max_answer_tokens,
-            use_chat_template=self.config.use_chat_template,
-        )
+        prompt_format = self.config.prompt_format()
         self.lm = TransformersLM(self.config.model, device, self.config.dtype, prompt_format, self.config.temperature)
         self.budgets = parse_budgets(self.config.budgets)
         self.modes = parse_modes(self.config.modes)
@@ -135,30 +125,13 @@ class _ShardActor:
                 batch_size, seed = self.config.batch_size, self.config.seed
                 table = collect_shard(self.lm, queries, shard["prompts"], self.modes, self.budgets, batch_size, seed)
                 # A unique temporary name: a retried shard never shares a half-written file with the first attempt.
-                partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-                pq.write_table(table, partial)
-                _maybe_inject_fault()
-                with partial.open("rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(partial, path)
+                write_table_atomic(table, path, unique=True)
                 rows = table.num_rows
             results["path"].append(str(path))
             results["rows"].append(rows)
             results["queries"].append(len(queries))
             results["forward_tokens"].append(self.lm.stats.forward_tokens - before)
         return results
-
-
-def _maybe_inject_fault() -> None:
-    marker = os.environ.get(FAULT_ONCE_ENV)
-    if not marker:
-        return
-    try:
-        os.remove(marker)  # only one process can remove it: the fault fires once
-    except FileNotFoundError:
-        return
-    logger.warning("%s: exiting mid-shard", FAULT_ONCE_ENV)
-    os._exit(1)
 
 
 class _RayShardRunner:

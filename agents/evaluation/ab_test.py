@@ -1,6 +1,6 @@
 """A/B report of a decision log: does arm B beat arm A on exact match or on tokens?
 
-``tokenopt ab-report LOG`` reads the rows a server wrote (:mod:`tokenopt.serve.log`)
+``tokenopt ab-report LOG`` reads the rows a server wrote (:mod:`tokenopt.decisions`)
 and compares the two arms on the requests their policies decided (status 200, not
 bypassed by the client):
 
@@ -11,7 +11,7 @@ bypassed by the client):
 - billed tokens, by Welch's unequal-variance t-test (Welch 1947) with the
   Welch-Satterthwaite degrees of freedom.
 
-The normal and Student-t distributions are computed here from ``math.erf`` and the
+The normal and Student-t distributions (:mod:`tokenopt.agents.common.statistics`) are computed from ``math.erf`` and the
 regularised incomplete beta function (continued fraction, Press et al., *Numerical
 Recipes*, 3rd ed. 2007, section 6.4), so the report needs no SciPy.
 """
@@ -25,239 +25,21 @@ from typing import Any
 
 import numpy as np
 
-from tokenopt.serve.log import LoggedDecisions, read_decisions
+from tokenopt.agents.common.statistics import (
+    POWER,
+    TestResult,
+    normal_quantile,
+    sample_size_two_proportions,
+    student_t_quantile,
+    two_proportion_z_test,
+    welch_t_test,
+)
+from tokenopt.decisions import LoggedDecisions, read_decisions
 
-__all__ = [
-    "ABReport",
-    "ArmSummary",
-    "TestResult",
-    "ab_report",
-    "format_ab_report",
-    "normal_cdf",
-    "normal_quantile",
-    "regularized_incomplete_beta",
-    "sample_size_two_proportions",
-    "student_t_cdf",
-    "student_t_quantile",
-    "two_proportion_z_test",
-    "welch_t_test",
-]
+__all__ = ["ABReport", "ArmSummary", "ab_report", "format_ab_report"]
 
 ARMS = ("A", "B")
 """The arms a server splits traffic between."""
-
-POWER = 0.8
-"""Power at which the report sizes the EM test when it cannot tell yet."""
-
-
-# --- distributions ------------------------------------------------------------------------------------------------
-
-
-def normal_cdf(x: float) -> float:
-    """P(Z <= x) for a standard normal Z."""
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-def _two_sided_normal_p(z: float) -> float:
-    # erfc keeps the tail accurate where 1 - cdf would cancel to 0.
-    return math.erfc(abs(z) / math.sqrt(2.0))
-
-
-def normal_quantile(p: float) -> float:
-    """The x with P(Z <= x) = p, by bisection on :func:`normal_cdf` (to about 1e-12).
-
-    Raises:
-        ValueError: ``p`` outside (0, 1).
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"a normal quantile needs a probability in (0, 1); got {p}")
-    low, high = -40.0, 40.0
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if normal_cdf(middle) < p:
-            low = middle
-        else:
-            high = middle
-        if high - low < 1e-13:
-            break
-    return 0.5 * (low + high)
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes ``betacf``)."""
-    tiny, max_iterations, tolerance = 1e-300, 10_000, 3e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, max_iterations + 1):
-        m2 = 2 * m
-        numerator = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        numerator = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < tolerance:
-            return h
-    raise ArithmeticError(f"the incomplete beta continued fraction did not converge for a={a}, b={b}, x={x}")
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularised incomplete beta function.
-
-    Raises:
-        ValueError: ``a`` or ``b`` not positive, or ``x`` outside [0, 1].
-    """
-    if a <= 0 or b <= 0:
-        raise ValueError(f"the incomplete beta function needs a > 0 and b > 0; got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"the incomplete beta function needs x in [0, 1]; got {x}")
-    if x == 0.0 or x == 1.0:
-        return x
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    # The fraction converges fast for x < (a + 1) / (a + b + 2); beyond, use I_x(a, b) = 1 - I_{1-x}(b, a).
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def _two_sided_t_p(t: float, df: float) -> float:
-    return regularized_incomplete_beta(0.5 * df, 0.5, df / (df + t * t))
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` (real, > 0) degrees of freedom.
-
-    Raises:
-        ValueError: ``df`` not positive.
-    """
-    if not df > 0:
-        raise ValueError(f"Student's t needs df > 0; got {df}")
-    tail = 0.5 * _two_sided_t_p(t, df)
-    return 1.0 - tail if t > 0 else tail
-
-
-def student_t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, by bisection on :func:`student_t_cdf`.
-
-    Raises:
-        ValueError: ``p`` outside (0, 1) or ``df`` not positive.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"a t quantile needs a probability in (0, 1); got {p}")
-    if not df > 0:
-        raise ValueError(f"Student's t needs df > 0; got {df}")
-    high = 1.0
-    while student_t_cdf(high, df) < max(p, 1.0 - p) and high < 1e12:
-        high *= 2.0
-    low = -high
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if student_t_cdf(middle, df) < p:
-            low = middle
-        else:
-            high = middle
-        if high - low < 1e-12 * max(1.0, abs(middle)):
-            break
-    return 0.5 * (low + high)
-
-
-# --- tests --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TestResult:
-    """One two-sample test of B against A."""
-
-    __test__ = False  # not a pytest class
-
-    metric: str
-    """``em`` or ``billed_tokens``."""
-    test: str
-    """The test's name."""
-    difference: float
-    """B minus A (EM as a proportion, tokens per request)."""
-    statistic: float
-    """z or t."""
-    p_value: float
-    """Two-sided p-value."""
-    ci_low: float
-    """Lower end of the two-sided 1 - alpha interval of the difference."""
-    ci_high: float
-    """Upper end of it."""
-    df: float | None = None
-    """Welch-Satterthwaite degrees of freedom (t-test only)."""
-    winner: str | None = None
-    """``A`` or ``B`` when the difference is significant at alpha, else None."""
-    verdict: str = ""
-    """The conclusion in words."""
-    needed_per_arm: int | None = None
-    """EM only: feedback rows per arm to detect the observed difference at 80% power."""
-
-
-def two_proportion_z_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
-    """The z statistic and two-sided p of the pooled two-proportion z-test of B against A.
-
-    Raises:
-        ValueError: an arm with no trials.
-    """
-    if n_a < 1 or n_b < 1:
-        raise ValueError(f"a two-proportion test needs trials in both arms; got n_a={n_a}, n_b={n_b}")
-    p_a, p_b = successes_a / n_a, successes_b / n_b
-    pooled = (successes_a + successes_b) / (n_a + n_b)
-    variance = pooled * (1.0 - pooled) * (1.0 / n_a + 1.0 / n_b)
-    if variance <= 0.0:  # all successes or all failures: the arms cannot differ
-        return 0.0, 1.0
-    z = (p_b - p_a) / math.sqrt(variance)
-    return z, _two_sided_normal_p(z)
-
-
-def welch_t_test(
-    mean_a: float, var_a: float, n_a: int, mean_b: float, var_b: float, n_b: int
-) -> tuple[float, float, float]:
-    """t, degrees of freedom and two-sided p of Welch's t-test of B against A.
-
-    ``var_*`` are sample variances (ddof 1).
-
-    Raises:
-        ValueError: an arm with fewer than two observations.
-    """
-    if n_a < 2 or n_b < 2:
-        raise ValueError(f"Welch's t-test needs at least two observations per arm; got n_a={n_a}, n_b={n_b}")
-    share_a, share_b = var_a / n_a, var_b / n_b
-    standard_error = math.sqrt(share_a + share_b)
-    difference = mean_b - mean_a
-    if standard_error == 0.0:  # both arms constant: equal means do not differ, unequal ones certainly do
-        return (0.0, float(n_a + n_b - 2), 1.0) if difference == 0 else (math.copysign(math.inf, difference), 0.0, 0.0)
-    df = (share_a + share_b) ** 2 / (share_a**2 / (n_a - 1) + share_b**2 / (n_b - 1))
-    t = difference / standard_error
-    return t, df, _two_sided_t_p(t, df)
-
-
-def sample_size_two_proportions(p_a: float, p_b: float, alpha: float, power: float = POWER) -> int | None:
-    """Trials per arm for a two-sided test at ``alpha`` to detect ``p_b - p_a`` with ``power``.
-
-    Fleiss, Levin & Paik (2003), eq. 4.14 (without continuity correction). None when
-    the proportions are equal (no sample size detects a zero difference).
-    """
-    if p_a == p_b:
-        return None
-    mean = 0.5 * (p_a + p_b)
-    z_alpha, z_power = normal_quantile(1.0 - alpha / 2.0), normal_quantile(power)
-    numerator = z_alpha * math.sqrt(2.0 * mean * (1.0 - mean)) + z_power * math.sqrt(
-        p_a * (1.0 - p_a) + p_b * (1.0 - p_b)
-    )
-    return int(math.ceil((numerator / (p_b - p_a)) ** 2))
-
 
 # --- the report ---------------------------------------------------------------------------------------------------
 

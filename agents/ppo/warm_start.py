@@ -23,6 +23,10 @@ import numpy as np
 import torch
 import yaml
 
+from tokenopt.agents.common.hyperparams import activation_name
+from tokenopt.agents.common.run_dir import RunDir
+from tokenopt.runtime import POLICY_SPEC_FILE
+
 __all__ = ["InitSource", "layerwise_lr_algo", "layerwise_optimizer", "load_init_source", "warm_start"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +36,6 @@ DEFAULT_POLICY_OBS_COUNT = 10_000.0
 
 _HIDDEN_PREFIXES = ("mlp_extractor.", "features_extractor.", "pi_features_extractor.", "vf_features_extractor.")
 _CRITIC_PREFIXES = ("mlp_extractor.value_net.", "value_net.")
-_ACTIVATION_NAMES = {torch.nn.Tanh: "tanh", torch.nn.ReLU: "relu"}
 
 
 @dataclass
@@ -77,9 +80,9 @@ def load_init_source(path: str | Path) -> InitSource:
         ValueError: the checkpoint has no MLP actor, or the policy is an ensemble.
     """
     path = Path(path)
-    if (path / "checkpoints" / "best_model.zip").is_file():
+    if RunDir(path).is_trained():
         return _load_run_source(path)
-    if (path / "policy.json").is_file():
+    if (path / POLICY_SPEC_FILE).is_file():
         return _load_policy_source(path)
     raise FileNotFoundError(
         f"--init-from {path}: neither a run folder (with checkpoints/best_model.zip) "
@@ -90,8 +93,8 @@ def load_init_source(path: str | Path) -> InitSource:
 def _load_run_source(path: Path) -> InitSource:
     from stable_baselines3.common.save_util import load_from_zip_file
 
-    checkpoint = path / "checkpoints" / "best_model.zip"
-    stats_path = path / "checkpoints" / "vecnormalize.pkl"
+    run = RunDir(path)
+    checkpoint, stats_path = run.best_model, run.vecnormalize
     if not stats_path.is_file():
         raise FileNotFoundError(f"--init-from {path}: {stats_path} is missing; the run's normalisation is needed too")
     _, params, _ = load_from_zip_file(checkpoint, load_data=False, device="cpu")
@@ -119,7 +122,7 @@ def _load_run_source(path: Path) -> InitSource:
         raise ValueError(f"--init-from {path}: the run was trained without observation normalisation")
     activation: str | None = None
     actions: list[str] | None = None
-    config_path, summary_path = path / "config.yml", path / "training.json"
+    config_path, summary_path = run.config, run.training
     if config_path.is_file():
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
         kwargs = (config.get("resolved_hyperparams") or {}).get("policy_kwargs") or {}
@@ -168,7 +171,7 @@ def _load_policy_source(path: Path) -> InitSource:
 
 def _actor_modules(policy: Any) -> tuple[list[torch.nn.Linear], str | None]:
     linears = [m for m in policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
-    activations = {_ACTIVATION_NAMES.get(type(m)) for m in policy.mlp_extractor.policy_net}
+    activations = {activation_name(m) for m in policy.mlp_extractor.policy_net}
     activations.discard(None)
     names = sorted(a for a in activations if a is not None)
     return [*linears, policy.action_net], names[0] if len(names) == 1 else None
@@ -296,7 +299,7 @@ def layerwise_lr_algo(algo_class: type) -> type:
     SB3 (2.x) sets every parameter group's lr to the schedule's value before each
     update (``BaseAlgorithm._update_learning_rate``); the subclass then multiplies each
     group's lr by its ``lr_scale``. Its checkpoints store the optimizer as one group,
-    so ``PPO.load`` (and :func:`tokenopt.agents.pipeline.export_run`) read them as usual.
+    so ``PPO.load`` (and :func:`tokenopt.agents.export.export_run`) read them as usual.
     """
 
     def _update_learning_rate(self: Any, optimizers: list[torch.optim.Optimizer] | torch.optim.Optimizer) -> None:

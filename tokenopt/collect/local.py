@@ -2,16 +2,7 @@
 
 ``collect`` reasons once per (query, mode) at the largest budget and branches the
 forced answer off the cached prefix at every budget (see :mod:`tokenopt.lm.decoding`).
-It writes, under ``--out``:
-
-- ``manifest.json``: schema version, backend and model, the settings, the action
-  table and, once done, the row count and the skipped queries;
-- ``queries.parquet``: one row per query (id, split, question, answers, prompt
-  tokens, and the extra fields of its line);
-- ``features.parquet``: one row per query with its feature vector (the feature spec
-  is in the file's metadata and in the manifest);
-- ``outcomes/part-NNNNN.parquet``: one row per query x budget x mode, written shard
-  by shard with atomic renames, so an interrupted run resumes where it stopped.
+It writes the table folder described in :mod:`tokenopt.table.schema` under ``--out``.
 """
 
 from __future__ import annotations
@@ -19,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,111 +20,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenopt.actions import Mode, build_action_table, parse_budgets, parse_modes
+from tokenopt.collect.config import CollectConfig, CollectSummary
 from tokenopt.data import Query, load_questions
 from tokenopt.features import PromptFeatures
-from tokenopt.metrics import exact_match
+from tokenopt.scoring import exact_match
+from tokenopt.table.schema import (
+    FEATURES_FILE,
+    MANIFEST_FILE,
+    OUTCOME_SCHEMA,
+    OUTCOMES_DIR,
+    QUERIES_FILE,
+    SCHEMA_VERSION,
+    shard_path,
+    write_json_atomic,
+    write_table_atomic,
+)
 
-__all__ = ["OUTCOME_SCHEMA", "SCHEMA_VERSION", "CollectConfig", "CollectSummary", "collect", "collect_shard"]
+__all__ = ["collect", "collect_shard"]
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2
-"""Version of the outcome table's schema; bumped on any incompatible change.
-
-Version 2 added the per-sequence columns ``sample_answers``, ``sample_em``,
-``sample_tokens`` and ``sample_logprobs`` (what early-stopping baselines replay)."""
-
-OUTCOME_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("split", pa.string()),
-        ("action", pa.string()),
-        ("budget", pa.int32()),
-        ("mode", pa.string()),
-        ("answer", pa.string()),
-        ("em", pa.bool_()),
-        ("reasoning_tokens", pa.int32()),
-        ("cue_tokens", pa.int32()),
-        ("answer_tokens", pa.int32()),
-        ("prompt_tokens", pa.int32()),
-        ("billed_tokens", pa.int32()),
-        ("latency_ms", pa.float32()),
-        ("confidence", pa.float32()),
-        ("answer_logprob", pa.float32()),
-        ("natural_stop", pa.bool_()),
-        ("n_sequences", pa.int16()),
-        ("sample_answers", pa.list_(pa.string())),
-        ("sample_em", pa.list_(pa.bool_())),
-        ("sample_tokens", pa.list_(pa.int32())),
-        ("sample_logprobs", pa.list_(pa.float32())),
-    ],
-    metadata={"tokenopt.schema_version": str(SCHEMA_VERSION)},
-)
-"""The outcome table's columns (documented in the README)."""
-
-
-@dataclass
-class CollectConfig:
-    """Settings of ``tokenopt collect``; every default suits the demo LM."""
-
-    out: str = "runs/collect"
-    """Output folder."""
-    data: str | None = None
-    """Question file (JSONL); None collects the embedded demo suite."""
-    model: str | None = None
-    """Local model folder or hub id; None uses the embedded demo LM."""
-    budgets: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
-    """Reasoning budgets of the action table, increasing."""
-    modes: list[str] = field(default_factory=lambda: ["greedy", "sc5", "beam3"])
-    """Decoding modes of the action table."""
-    prompt_template: str = "{question}"
-    """Prompt template with a {question} placeholder."""
-    answer_cue: str = "="
-    """Appended when the budget runs out (budget forcing)."""
-    answer_regex: str | None = None
-    """Regex that extracts the answer from the text after the cue."""
-    max_answer_tokens: int = 8
-    """Most tokens of an answer."""
-    use_chat_template: bool = False
-    """Wrap prompts in the tokenizer's chat template."""
-    temperature: float = 1.0
-    """Sampling temperature of sc<k>."""
-    device: str = "auto"
-    """auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps."""
-    dtype: str = "auto"
-    """auto, float32, float16 or bfloat16."""
-    batch_size: int = 32
-    """Queries decoded together."""
-    shard_size: int = 256
-    """Queries per written shard (the unit of resumption)."""
-    seed: int = 0
-    """Seed of the split hash and of sc<k> sampling."""
-    strict: bool = False
-    """Fail on a prompt that does not fit the context instead of skipping it."""
-    splits: list[str] | None = None
-    """Collect only these splits; None collects all."""
-    upstream: str | None = None
-    """Base URL of an OpenAI-compatible completions server to collect from instead of a local model."""
-    upstream_model: str | None = None
-    """Model name sent to the upstream; None takes the first of its /v1/models."""
-    upstream_api_key: str | None = None
-    """Bearer token of the upstream (never written to the manifest)."""
-    concurrency: int = 16
-    """Requests in flight at once against the upstream."""
-
-
-@dataclass
-class CollectSummary:
-    """What a collection did."""
-
-    out: Path
-    queries: int
-    skipped: list[str]
-    rows: int
-    shards_written: int
-    shards_reused: int
-    seconds: float
-    forward_tokens: int
 
 
 def _sha256(path: Path) -> str:
@@ -147,20 +51,6 @@ def _sha256(path: Path) -> str:
 
 def _query_seed(seed: int, query_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{query_id}".encode(), digest_size=8).digest(), "big") >> 1
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial)
-    with partial.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _write_json_atomic(data: dict[str, object], path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _queries_table(queries: list[Query], prompt_tokens: dict[str, int]) -> pa.Table:
@@ -259,7 +149,7 @@ def collect_shard(
 
 
 ShardRunner = Callable[[list[tuple[Path, list[Query]]], dict[str, list[int]], Callable[[int], None]], tuple[int, int]]
-"""Collects and writes pending shards elsewhere (see :mod:`tokenopt.collect_ray`): called with
+"""Collects and writes pending shards elsewhere (see :mod:`tokenopt.collect.ray`): called with
 ``(shard path, runnable queries)`` pairs, the prompts and ``advance``; returns (rows, forward tokens)."""
 
 
@@ -286,19 +176,13 @@ def collect(
             that holds a collection made with other settings.
         FileNotFoundError: the question file or the model folder does not exist.
     """
-    from tokenopt.lm.backend import PromptFormat, TransformersLM
+    from tokenopt.lm.local import TransformersLM
 
     started = time.perf_counter()
     budgets = parse_budgets(config.budgets)
     modes = parse_modes(config.modes)
     actions = build_action_table(budgets, modes)
-    prompt_format = PromptFormat(
-        template=config.prompt_template,
-        answer_cue=config.answer_cue,
-        answer_regex=config.answer_regex,
-        max_answer_tokens=config.max_answer_tokens,
-        use_chat_template=config.use_chat_template,
-    )
+    prompt_format = config.prompt_format()
     if config.batch_size < 1 or config.shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1; got {config.batch_size} and {config.shard_size}")
     out = Path(config.out)
@@ -339,7 +223,7 @@ def collect(
     settings = {key: value for key, value in asdict(config).items() if key not in unrecorded}
     settings["data_sha256"] = _sha256(data_path)
     settings["model_name"] = lm.name
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST_FILE
     manifest: dict[str, object] = {
         "schema_version": SCHEMA_VERSION,
         "backend": backend,
@@ -360,7 +244,7 @@ def collect(
                 f"{out} holds a collection made with other settings ({', '.join(differing) or 'schema version'} "
                 "differ); give a new --out to keep both, or delete the folder to start over"
             )
-    _write_json_atomic(manifest, manifest_path)
+    write_json_atomic(manifest, manifest_path)
 
     prompts: dict[str, list[int]] = {}
     skipped: list[str] = []
@@ -379,10 +263,10 @@ def collect(
         logger.warning("skipped %d of %d queries whose prompt does not fit the context", len(skipped), len(queries))
 
     prompt_tokens = {query_id: len(ids) for query_id, ids in prompts.items()}
-    queries_path = out / "queries.parquet"
+    queries_path = out / QUERIES_FILE
     if not queries_path.exists():
-        _write_atomic(_queries_table(queries, prompt_tokens), queries_path)
-    features_path = out / "features.parquet"
+        write_table_atomic(_queries_table(queries, prompt_tokens), queries_path)
+    features_path = out / FEATURES_FILE
     if not features_path.exists():
         vectors = extractor.batch([q.question for q in queries])
         features = pa.table(
@@ -392,9 +276,9 @@ def collect(
                 "features": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), extractor.dim),
             }
         ).replace_schema_metadata({"tokenopt.feature_spec": json.dumps(extractor.spec.to_dict())})
-        _write_atomic(features, features_path)
+        write_table_atomic(features, features_path)
 
-    shard_dir = out / "outcomes"
+    shard_dir = out / OUTCOMES_DIR
     shard_dir.mkdir(exist_ok=True)
     shards = [queries[i : i + config.shard_size] for i in range(0, len(queries), config.shard_size)]
     written = reused = rows_total = 0
@@ -408,7 +292,7 @@ def collect(
             progress(done, len(queries))
 
     for index, shard in enumerate(shards):
-        path = shard_dir / f"part-{index:05d}.parquet"
+        path = shard_path(out, index)
         if path.exists():
             reused += 1
             rows_total += pq.read_metadata(path).num_rows
@@ -423,7 +307,7 @@ def collect(
             continue
         table = collect_shard(lm, runnable, prompts, modes, budgets, config.batch_size, config.seed, advance)
         done += len(shard) - len(runnable)
-        _write_atomic(table, path)
+        write_table_atomic(table, path)
         written += 1
         rows_total += table.num_rows
     runner_tokens = 0
@@ -441,7 +325,7 @@ def collect(
             "shards": len(shards),
         }
     )
-    _write_json_atomic(manifest, manifest_path)
+    write_json_atomic(manifest, manifest_path)
     return CollectSummary(
         out=out,
         queries=len(queries),

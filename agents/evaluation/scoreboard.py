@@ -1,7 +1,7 @@
 """``tokenopt eval``: the learned policy against the published methods and the oracle.
 
 Every method is replayed on the same outcome table and split (see
-:mod:`tokenopt.agents.baselines`). For each cost weight of a sweep the learned policy
+:mod:`tokenopt.agents.evaluation.baselines`). For each cost weight of a sweep the learned policy
 (one trained policy per weight) is one point of EM against mean billed tokens; each
 baseline is a curve, the upper concave envelope of its settings' points (any point on
 it is reachable by splitting traffic between two settings). The report says, per
@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tokenopt.agents.baselines import (
+from tokenopt.agents.common.evaluation import check_policy_fits_table, policy_choices, query_questions
+from tokenopt.agents.common.run_dir import RunDir
+from tokenopt.agents.evaluation.baselines import (
     OperatingPoint,
     ReplayTable,
     adaptive_consistency_points,
@@ -40,9 +42,9 @@ from tokenopt.agents.baselines import (
     router_points,
     tale_points,
 )
-from tokenopt.agents.gate import check_policy_fits_table, policy_choices, query_questions
 from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
-from tokenopt.outcomes import OutcomeMatrix, load_manifest
+from tokenopt.runtime import POLICY_SPEC_FILE
+from tokenopt.table import OutcomeMatrix, action_mix, gap_recovered, load_manifest, reference_rewards
 
 __all__ = ["DEFAULT_SWEEP", "ScoreboardConfig", "envelope", "run_scoreboard"]
 
@@ -144,15 +146,15 @@ def area_under(curve: tuple[np.ndarray, np.ndarray], limit: float) -> float:
 
 def _resolve_policy(path: Path) -> tuple[Path, Path | None]:
     """(policy folder, run folder or None) for a run or a policy folder."""
-    if (path / "policy.json").is_file():
-        run = path.parent if (path.parent / "config.yml").is_file() else None
+    if (path / POLICY_SPEC_FILE).is_file():
+        run = path.parent if RunDir(path.parent).is_run() else None
         return path, run
-    if (path / "config.yml").is_file():
-        if not (path / "policy" / "policy.json").is_file():
-            from tokenopt.agents.pipeline import export_run
+    if RunDir(path).is_run():
+        if not (RunDir(path).policy / POLICY_SPEC_FILE).is_file():
+            from tokenopt.agents.export import export_run
 
             export_run(path)
-        return path / "policy", path
+        return RunDir(path).policy, path
     raise FileNotFoundError(f"{path} is neither a policy folder (policy.json) nor a run folder (config.yml)")
 
 
@@ -178,12 +180,13 @@ def _train_for_weight(
     run: Path | None, config: ScoreboardConfig, weight: float, out: Path, env: str = "budget"
 ) -> Path:
     """Train (or reuse) the sweep's policy for one cost weight on ``env``, like the given run."""
-    from tokenopt.agents.pipeline import export_run
-    from tokenopt.agents.train import ENV_IDS, TrainConfig, config_field_names, train
+    from tokenopt.agents.common.hyperparams import ENV_IDS
+    from tokenopt.agents.export import export_run
+    from tokenopt.agents.ppo.train import TrainConfig, config_field_names, train
 
-    policy_dir = out / "policy"
-    if (policy_dir / "policy.json").is_file():
-        spec = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8"))
+    policy_dir = RunDir(out).policy
+    if (policy_dir / POLICY_SPEC_FILE).is_file():
+        spec = json.loads((policy_dir / POLICY_SPEC_FILE).read_text(encoding="utf-8"))
         metadata = spec.get("metadata", {})
         if (
             math.isclose(float(metadata.get("cost_weight", -1)), weight)
@@ -193,7 +196,7 @@ def _train_for_weight(
             return policy_dir
     settings: dict[str, Any] = {}
     if run is not None:
-        saved = yaml.safe_load((run / "config.yml").read_text(encoding="utf-8"))
+        saved = yaml.safe_load(RunDir(run).config.read_text(encoding="utf-8"))
         settings = {key: saved[key] for key in config_field_names() if key in saved}
     settings.update(table=config.table, out=str(out), cost_weight=weight, em_floor=None, token_target=None)
     if config.total_timesteps is not None:
@@ -214,9 +217,9 @@ def _reward(point: OperatingPoint, cost_model: CostModel, prompt: np.ndarray) ->
 
 
 def _row(
-    method: str, setting: str, point: OperatingPoint, reward: float, best_fixed: float, spread: float
+    method: str, setting: str, point: OperatingPoint, reward: float, best_fixed: float, oracle: float
 ) -> dict[str, Any]:
-    gap = (reward - best_fixed) / spread if spread > 1e-12 else 0.0
+    gap = gap_recovered(reward, best_fixed, oracle)
     return {"method": method, "setting": setting, "em": point.em, "tokens": point.tokens, "reward": reward,
             "gap_recovered": gap}  # fmt: skip
 
@@ -267,7 +270,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     from tokenopt.runtime import BudgetPolicy
 
     check_policy_fits_table(BudgetPolicy.load(policy_dir), manifest, str(policy_dir))  # before any work
-    policy_meta = json.loads((policy_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
+    policy_meta = json.loads((policy_dir / POLICY_SPEC_FILE).read_text(encoding="utf-8")).get("metadata", {})
     default_weight = float(
         config.cost_weight if config.cost_weight is not None else policy_meta.get("cost_weight", DEFAULT_COST_WEIGHT)
     )
@@ -276,7 +279,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     if config.probe_run is not None:
         probe_dir, probe_source = _resolve_policy(Path(config.probe_run))
         _load_probe_controller(probe_dir, manifest)  # before any work
-        probe_meta = json.loads((probe_dir / "policy.json").read_text(encoding="utf-8")).get("metadata", {})
+        probe_meta = json.loads((probe_dir / POLICY_SPEC_FILE).read_text(encoding="utf-8")).get("metadata", {})
         probe = (probe_dir, probe_source, float(probe_meta.get("cost_weight", default_weight)))
         weights = sorted(set(weights) | {probe[2]})
 
@@ -334,9 +337,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         cost_model = CostModel(weight)
         rewards = test_r.matrix.rewards(cost_model)
         oracle_columns = rewards.argmax(axis=1)
-        oracle_reward = float(rewards.max(axis=1).mean())
-        best_fixed = float(rewards.mean(axis=0).max())
-        spread = oracle_reward - best_fixed
+        oracle_reward, best_fixed = reference_rewards(test_r.matrix, cost_model)
 
         rows = np.arange(len(oracle_columns))
         oracle_point = OperatingPoint(
@@ -345,15 +346,18 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         )  # fmt: skip
         policy = policy_points[weight]
         policy_row = _row(
-            POLICY, f"lambda {weight:g}", policy, _reward(policy, cost_model, prompt["test"]), best_fixed, spread
+            POLICY, f"lambda {weight:g}", policy, _reward(policy, cost_model, prompt["test"]), best_fixed, oracle_reward
         )
-        rows_out = [policy_row, _row("oracle", "per-query best", oracle_point, oracle_reward, best_fixed, spread)]
+        rows_out = [
+            policy_row,
+            _row("oracle", "per-query best", oracle_point, oracle_reward, best_fixed, oracle_reward),
+        ]
         for method in BASELINES:
             val_candidates = [(k, p) for k, p in enumerate(points["val"]) if p.method == method]
             k_best = max(val_candidates, key=lambda item: _reward(item[1], cost_model, prompt["val"]))[0]
             chosen = points["test"][k_best]
             reward = _reward(chosen, cost_model, prompt["test"])
-            rows_out.append(_row(method, chosen.setting, chosen, reward, best_fixed, spread))
+            rows_out.append(_row(method, chosen.setting, chosen, reward, best_fixed, oracle_reward))
         margins = {method: policy.em - curve_at(curves[method], policy.tokens) for method in BASELINES}
         beaten_by = {method: margin for method, margin in margins.items() if margin < -1e-9}
         entry: dict[str, Any] = {
@@ -369,7 +373,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             controller = probe_points[weight]
             probe_row = _row(
                 PROBE, f"lambda {weight:g}", controller, _reward(controller, cost_model, prompt["test"]), best_fixed,
-                spread,
+                oracle_reward,
             )  # fmt: skip
             rows_out.append(probe_row)
             settings = _load_probe_controller(probe_policies[weight], manifest).probe
@@ -464,18 +468,9 @@ def _probe_verdict(
 
 
 def _action_mix(replay: ReplayTable, columns: np.ndarray | None, weight: float) -> dict[str, dict[str, dict[str, int]]]:
-    families = (
-        replay.matrix.families if replay.matrix.families is not None else np.array(["all"] * len(replay.matrix.ids))
-    )
+    assert columns is not None
     oracle = replay.matrix.rewards(CostModel(weight)).argmax(axis=1)
-    mix: dict[str, dict[str, dict[str, int]]] = {"tokenopt policy": {}, "oracle": {}}
-    for name, picks in (("tokenopt policy", columns), ("oracle", oracle)):
-        assert picks is not None
-        for family, j in zip(families, picks, strict=True):
-            counts = mix[name].setdefault(str(family), {})
-            action = replay.matrix.actions[int(j)]
-            counts[action] = counts.get(action, 0) + 1
-    return mix
+    return {"tokenopt policy": action_mix(replay.matrix, columns), "oracle": action_mix(replay.matrix, oracle)}
 
 
 def _probe_sentence(probe: dict[str, Any]) -> str:
@@ -615,7 +610,7 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tokenopt.agents.train import action_mix_figure
+    from tokenopt.agents.common.plots import action_mix_figure
 
     figure, axis = plt.subplots(figsize=(9, 5.5))
     for method in BASELINES:

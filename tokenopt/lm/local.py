@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenopt.actions import Mode
+from tokenopt.demo import DEMO_MODEL_DIR
 from tokenopt.lm.decoding import (
     DecodeSettings,
     DecodeStats,
@@ -21,14 +20,13 @@ from tokenopt.lm.decoding import (
     decode_each_at_budget,
     decode_with_budgets,
 )
-from tokenopt.metrics import normalize_answer
+from tokenopt.prompt import PromptFormat
+from tokenopt.scoring import majority_vote, vote_share
 
 __all__ = [
-    "DEMO_MODEL_DIR",
     "Completion",
     "ModeOutcome",
     "PlainCompletion",
-    "PromptFormat",
     "TransformersLM",
     "resolve_device",
     "resolve_dtype",
@@ -36,38 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo" / "model"
-"""The embedded demo LM, committed inside the package."""
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a question becomes a prompt, and how an answer is read back."""
-
-    template: str = "{question}"
-    """Prompt template with a ``{question}`` placeholder."""
-    answer_cue: str = "="
-    """Text appended when the budget runs out; for chat models e.g. ``\\nFinal answer:``."""
-    answer_regex: str | None = None
-    """Regex applied to the answer text; its first group (or whole match) is the answer."""
-    max_answer_tokens: int = 8
-    """Most tokens an answer may have after the cue."""
-    use_chat_template: bool = False
-    """Wrap the prompt with the tokenizer's chat template (for chat models)."""
-
-    def __post_init__(self) -> None:
-        if "{question}" not in self.template:
-            raise ValueError(f"prompt template {self.template!r} has no {{question}} placeholder")
-        if not self.answer_cue:
-            raise ValueError("the answer cue is empty: budget forcing needs a cue such as '=' or '\\nFinal answer:'")
-        if self.max_answer_tokens < 1:
-            raise ValueError(f"max_answer_tokens must be >= 1; got {self.max_answer_tokens}")
-        if self.answer_regex is not None:
-            try:
-                re.compile(self.answer_regex)
-            except re.error as error:
-                raise ValueError(f"answer regex {self.answer_regex!r} does not compile: {error}") from None
 
 
 @dataclass
@@ -127,23 +93,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return choices[dtype]
 
 
-def _vote(sequences: list[tuple[str, float]]) -> tuple[int, float]:
-    """Majority vote over normalised answers; ties go to the higher mean log-probability.
-
-    Returns:
-        The index of the returned sequence and the winning answer's vote share.
-    """
-    keys = [normalize_answer(answer) for answer, _ in sequences]
-    counts = Counter(keys)
-    best_key = max(
-        counts,
-        key=lambda key: (counts[key], max(lp for k, (_, lp) in zip(keys, sequences, strict=True) if k == key)),
-    )
-    members = [i for i, key in enumerate(keys) if key == best_key]
-    chosen = max(members, key=lambda i: sequences[i][1])
-    return chosen, counts[best_key] / len(sequences)
-
-
 def summarise(
     mode: Mode,
     answers: list[str],
@@ -162,7 +111,8 @@ def summarise(
     ended the answer.
     """
     if mode.kind == "sc":
-        chosen, confidence = _vote(list(zip(answers, mean_logprobs, strict=True)))
+        chosen = majority_vote(answers, mean_logprobs)
+        confidence = vote_share(answers, chosen)
         multiplier = 1
     else:
         chosen, multiplier, confidence = 0, mode.width, mean_logprobs[0]
@@ -277,12 +227,11 @@ class TransformersLM:
             max_answer_tokens=self.prompt_format.max_answer_tokens,
             temperature=temperature,
         )
-        self._answer_regex = re.compile(self.prompt_format.answer_regex) if self.prompt_format.answer_regex else None
         self.stats = DecodeStats()
 
     def encode_prompt(self, question: str) -> list[int]:
         """Token ids of the prompt for a question."""
-        text = self.prompt_format.template.replace("{question}", question)
+        text = self.prompt_format.prompt_text(question)
         if self.prompt_format.use_chat_template:
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
@@ -301,13 +250,7 @@ class TransformersLM:
 
     def extract_answer(self, answer_ids: list[int]) -> str:
         """The answer text: decoded, stripped, and passed through the answer regex."""
-        text = str(self.tokenizer.decode(answer_ids, skip_special_tokens=True)).strip()
-        if self._answer_regex is None:
-            return text
-        match = self._answer_regex.search(text)
-        if match is None:
-            return ""
-        return (match.group(1) if match.groups() else match.group(0)).strip()
+        return self.prompt_format.extract_answer(str(self.tokenizer.decode(answer_ids, skip_special_tokens=True)))
 
     def _summarise(self, sequences: list[SequenceOutcome], mode: Mode, latency_ms: float) -> ModeOutcome:
         return summarise(

@@ -19,7 +19,7 @@ Each method yields :class:`OperatingPoint` objects, one per setting of its knob:
 per-query exact match and billed tokens on a split. :func:`probe_controller_point` replays
 the learned probe controller (``tokenopt train --env probe``) through its runtime
 session with the same bill as the two probing rules and the environment.
-:mod:`tokenopt.agents.scoreboard` turns them into curves, rows and plots.
+:mod:`tokenopt.agents.evaluation.scoreboard` turns them into curves, rows and plots.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import numpy as np
 
 from tokenopt.actions import parse_mode
 from tokenopt.cost import CostModel
-from tokenopt.outcomes import ReplayTable
-from tokenopt.runtime import ANSWER, ESCALATE, BudgetPolicy
+from tokenopt.probe import ANSWER, ESCALATE, exit_bill, segment_bill
+from tokenopt.runtime import BudgetPolicy
+from tokenopt.scoring import majority_vote
+from tokenopt.table import ReplayTable
 
 __all__ = [
     "DEER_THRESHOLDS",
@@ -276,10 +278,10 @@ def _exit_bill(replay: ReplayTable, query: int, ladder: list[int], step: int, pr
     The reasoning up to the checkpoint, the cue and answer tokens of the probes before
     it weighted by ``probe_token_price``, and the last probe's in full (it is the answer).
     """
-    probes = replay.probe_tokens[query, ladder[:step]].sum()
     column = ladder[step]
-    return float(
-        replay.reasoning_tokens[query, column] + probe_token_price * probes + replay.probe_tokens[query, column]
+    earlier = replay.probe_tokens[query, ladder[:step]].sum()
+    return exit_bill(
+        replay.reasoning_tokens[query, column], earlier, replay.probe_tokens[query, column], probe_token_price
     )
 
 
@@ -404,7 +406,9 @@ def probe_controller_point(
         spent, reasoned = 0.0, 0.0
         for step, j in enumerate(ladder):
             # Accumulated as the environment does, so the inputs match it to the last bit.
-            spent += (replay.reasoning_tokens[i, j] - reasoned) + settings.probe_token_price * replay.probe_tokens[i, j]
+            spent += segment_bill(
+                replay.reasoning_tokens[i, j], reasoned, replay.probe_tokens[i, j], settings.probe_token_price
+            )
             reasoned = replay.reasoning_tokens[i, j]
             decision = session.observe(
                 replay.answers[i, j], replay.answer_logprob[i, j], spent, replay.natural_stop[i, j]
@@ -474,15 +478,6 @@ def _majority_probability(leader: int, runner_up: int) -> float:
     return 1.0 - at_least_a
 
 
-def _vote(answers: list[str], logprobs: np.ndarray) -> int:
-    counts = Counter(answers)
-    best = max(
-        counts, key=lambda key: (counts[key], max(lp for a, lp in zip(answers, logprobs, strict=True) if a == key))
-    )
-    members = [i for i, a in enumerate(answers) if a == best]
-    return max(members, key=lambda i: logprobs[i])
-
-
 def adaptive_consistency_points(
     replay: ReplayTable, thresholds: tuple[float, ...] = (0.75, 0.9, 0.95)
 ) -> list[OperatingPoint]:
@@ -519,7 +514,7 @@ def adaptive_consistency_points(
                     if stop:
                         drawn = count
                         break
-                chosen = _vote(answers[:drawn], logprobs[:drawn])
+                chosen = majority_vote(answers[:drawn], logprobs[:drawn], normalized=True)
                 em[i], billed[i] = correct[chosen], tokens[:drawn].sum()
             points.append(OperatingPoint("Adaptive-Consistency-style", f"{name}, {rule}", em, billed, np.full(n, j)))
     return points

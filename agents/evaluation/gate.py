@@ -19,38 +19,30 @@ from typing import Any
 
 import numpy as np
 
-from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
-from tokenopt.outcomes import OutcomeMatrix, load_manifest
+from tokenopt.agents.common.evaluation import check_policy_fits_table, policy_choices, query_questions
+from tokenopt.agents.common.statistics import paired_bootstrap_lower_bound
+from tokenopt.cost import CostSettings
 from tokenopt.runtime import BudgetPolicy
+from tokenopt.table import OutcomeMatrix, load_manifest
 
 __all__ = [
     "GateConfig",
     "GateResult",
     "PolicyScore",
-    "check_policy_fits_table",
     "format_gate",
-    "paired_bootstrap_lower_bound",
-    "policy_choices",
-    "query_questions",
     "run_gate",
     "save_gate",
 ]
 
 
 @dataclass
-class GateConfig:
-    """Settings of ``tokenopt gate``."""
+class GateConfig(CostSettings):
+    """Settings of ``tokenopt gate`` (the cost fields come from :class:`~tokenopt.cost.CostSettings`)."""
 
     table: str = ""
     """Outcome-table folder the two policies are compared on."""
     split: str = "test"
     """Split whose queries are compared."""
-    cost_weight: float = DEFAULT_COST_WEIGHT
-    """lambda in ``reward = EM - lambda * tokens``."""
-    token_price: float = 1.0
-    """Price of a billed token."""
-    prompt_token_price: float = 0.0
-    """Price of a prompt token."""
     max_em_drop: float = 1.0
     """Most EM points NEW may lose against OLD."""
     reward_margin: float = 0.0
@@ -122,125 +114,6 @@ class GateResult:
         return asdict(self)
 
 
-def query_questions(table: str | Path) -> dict[str, str]:
-    """Question text of every query of a table, by id (from ``queries.parquet``).
-
-    Raises:
-        FileNotFoundError: the table has no ``queries.parquet``.
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(table) / "queries.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the table needs its queries (run `tokenopt collect`)")
-    queries = pq.read_table(path, columns=["id", "question"])
-    return dict(zip(queries.column("id").to_pylist(), queries.column("question").to_pylist(), strict=True))
-
-
-def check_policy_fits_table(
-    policy: BudgetPolicy, manifest: dict[str, Any], where: str, probe_controller: bool = False
-) -> None:
-    """Refuse a policy whose action table or feature spec is not the table's.
-
-    Args:
-        policy: the loaded policy.
-        manifest: the outcome table's manifest.
-        where: how to name the policy in a message.
-        probe_controller: expect a probe controller (``train --env probe``) instead of
-            a per-query policy.
-
-    Raises:
-        ValueError: the action names (in order) or the feature spec differ, or the
-            policy is not of the expected kind; the message names the differences.
-    """
-    policy_actions = [str(action["name"]) for action in policy.actions]
-    table_actions = [str(action["name"]) for action in manifest["actions"]]
-    if policy_actions != table_actions:
-        missing = [name for name in table_actions if name not in policy_actions]
-        extra = [name for name in policy_actions if name not in table_actions]
-        detail = (
-            f"the table's actions missing from the policy: {missing}; the policy's actions not in the table: {extra}"
-            if missing or extra
-            else "the same actions in another order"
-        )
-        raise ValueError(
-            f"{where}: the policy's action table {policy_actions} differs from the table's {table_actions} ({detail}); "
-            "compare policies trained on this table"
-        )
-    policy_spec: dict[str, Any] = dict(policy.spec.get("feature_spec") or {})  # type: ignore[call-overload]
-    table_spec: dict[str, Any] = dict(manifest["feature_spec"])
-    if policy_spec != table_spec:
-        keys = sorted(key for key in policy_spec | table_spec if policy_spec.get(key) != table_spec.get(key))
-        raise ValueError(f"{where}: the policy's feature spec differs from the table's in {keys}")
-    if probe_controller:
-        if policy.probe is None:
-            raise ValueError(
-                f"{where}: not a probe controller (trained on {policy.spec.get('env_id')!r}); "
-                "expected a `tokenopt train --env probe` run"
-            )
-    elif policy.probe is not None:
-        raise ValueError(
-            f"{where}: a probe controller (answer or continue at checkpoints); gate, cv and eval's policy "
-            "argument take per-query policies (eval scores a probe controller with --probe-run)"
-        )
-    elif policy.extra_inputs:
-        raise ValueError(
-            f"{where}: the policy takes extra inputs {policy.extra_inputs} (a stream policy); "
-            "gate, cv and eval score per-query (budget env) policies"
-        )
-
-
-def policy_choices(policy: BudgetPolicy, matrix: OutcomeMatrix, questions: dict[str, str]) -> np.ndarray:
-    """The matrix column of the action the policy picks for each query, deciding from the question text.
-
-    Raises:
-        ValueError: a query has no question, or the policy picks an action the table lacks.
-    """
-    missing = [query_id for query_id in matrix.ids if query_id not in questions]
-    if missing:
-        raise ValueError(f"{len(missing)} queries have no question in queries.parquet, e.g. {missing[0]!r}")
-    decisions = policy.decide_batch([questions[query_id] for query_id in matrix.ids])
-    column = {name: j for j, name in enumerate(matrix.actions)}
-    unknown = sorted({d.action for d in decisions} - set(column))
-    if unknown:
-        raise ValueError(f"the policy picks actions {unknown} that the table does not have")
-    return np.array([column[d.action] for d in decisions], dtype=np.int64)
-
-
-def paired_bootstrap_lower_bound(
-    differences: np.ndarray, confidence: float, resamples: int, seed: int, chunk: int = 256
-) -> tuple[float, float]:
-    """One-sided percentile bounds of the mean of paired differences.
-
-    Query indices are resampled with replacement (seeded numpy generator); the
-    lower bound is the ``1 - confidence`` quantile of the resampled means, the
-    upper one the ``confidence`` quantile.
-
-    Args:
-        differences: per-query NEW minus OLD values.
-        confidence: e.g. 0.95.
-        resamples: number of bootstrap resamples.
-        seed: seed of the resampling.
-        chunk: resamples drawn at once (bounds memory to ``chunk * len(differences)``).
-
-    Returns:
-        (lower bound, upper bound).
-
-    Raises:
-        ValueError: no differences.
-    """
-    values = np.asarray(differences, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("the bootstrap needs at least one query")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        indices = rng.integers(0, values.size, size=(stop - start, values.size))
-        means[start:stop] = values[indices].mean(axis=1)
-    return float(np.quantile(means, 1.0 - confidence)), float(np.quantile(means, confidence))
-
-
 def _load_policy(path: str | Path, manifest: dict[str, Any], label: str) -> BudgetPolicy:
     policy = BudgetPolicy.load(path)
     check_policy_fits_table(policy, manifest, f"{label} policy {path}")
@@ -260,7 +133,7 @@ def run_gate(new: str | Path, old: str | Path, config: GateConfig) -> GateResult
         ValueError: bad settings, an empty split, or a policy that does not fit the table.
     """
     config.validate()
-    cost_model = CostModel(config.cost_weight, config.token_price, config.prompt_token_price)
+    cost_model = config.cost_model()
     manifest = load_manifest(config.table)
     policies = {"NEW": _load_policy(new, manifest, "NEW"), "OLD": _load_policy(old, manifest, "OLD")}
     matrix = OutcomeMatrix.from_table(config.table)

@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from tokenopt.agents.train import ENV_IDS, TrainConfig, load_config, train
+from tokenopt.agents.common.hyperparams import ENV_IDS, load_config
+from tokenopt.agents.ppo.train import TrainConfig, train
 
 __all__ = [
     "GRID",

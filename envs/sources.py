@@ -1,6 +1,6 @@
 """Where an environment's outcomes come from: a collected table, or the live LM.
 
-Both backends implement :class:`OutcomeBackend`: the queries of one split, their
+Both sources implement :class:`OutcomeSource`: the queries of one split, their
 feature vectors, the action table, which actions are valid for a query, and the
 outcome (exact match, billed and prompt tokens) of an action on a query.
 """
@@ -16,10 +16,10 @@ import numpy as np
 from tokenopt.actions import Action, build_action_table, parse_budgets, parse_modes
 from tokenopt.data import SPLITS, Query
 from tokenopt.features import PromptFeatures
-from tokenopt.metrics import exact_match
-from tokenopt.outcomes import OutcomeMatrix, load_manifest
+from tokenopt.scoring import exact_match
+from tokenopt.table import OutcomeMatrix, load_manifest
 
-__all__ = ["LiveLMBackend", "Outcome", "OutcomeBackend", "TableBackend"]
+__all__ = ["LiveLMSource", "Outcome", "OutcomeSource", "TableSource"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Outcome:
     prompt_tokens: float
 
 
-class OutcomeBackend(Protocol):
+class OutcomeSource(Protocol):
     """The interface the environments need from a source of outcomes."""
 
     actions: list[Action]
@@ -49,6 +49,10 @@ class OutcomeBackend(Protocol):
         """Boolean mask of the actions valid for query row ``query``."""
         ...
 
+    def known_costs(self, query: int) -> np.ndarray | None:
+        """Billed tokens of every action on query row ``query`` when known without running the LM, else None."""
+        ...
+
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
@@ -62,7 +66,7 @@ def _check_features(features: np.ndarray, where: str) -> None:
         raise ValueError(f"{where}: feature {column} of query row {row} is {features[row, column]} (not finite)")
 
 
-class TableBackend:
+class TableSource:
     """Outcomes replayed from a collected outcome table (fast, offline).
 
     Args:
@@ -93,7 +97,7 @@ class TableBackend:
             present = sorted(set(matrix.splits.tolist()))
             raise ValueError(f"{where} has no query in split {split!r}; it has {present}")
         self.matrix = matrix.subset(split)
-        self.actions = [_parse_action(name) for name in matrix.actions]
+        self.actions = matrix.parsed_actions
         if budgets is not None or modes is not None:
             expected = build_action_table(
                 parse_budgets(budgets) if budgets is not None else sorted({a.budget for a in self.actions}),
@@ -124,20 +128,19 @@ class TableBackend:
         """Every action of the table is valid: collection skipped prompts that do not fit."""
         return self._mask.copy()
 
+    def known_costs(self, query: int) -> np.ndarray:
+        """The recorded billed tokens of every action."""
+        return self.matrix.billed_tokens[query]
 
-def _parse_action(name: str) -> Action:
-    budget, mode = name.split("/")
-    return Action(int(budget[1:]), mode)
 
-
-class LiveLMBackend:
+class LiveLMSource:
     """Outcomes from running the LM when an action is taken (online).
 
     For modes whose outcome is random (``sc<k>``), every step samples afresh from
     the environment's seeded stream; for data without a collected table.
 
     Args:
-        queries: the questions (all splits; the backend keeps ``split``).
+        queries: the questions (all splits; the source keeps ``split``).
         lm: a :class:`tokenopt.lm.TransformersLM`.
         budgets: the budgets of the action table.
         modes: the modes of the action table.
@@ -163,7 +166,7 @@ class LiveLMBackend:
         self.modes = parse_modes(modes)
         self.actions = build_action_table(self.budgets, self.modes)
         self.features = PromptFeatures().batch([q.question for q in self.queries])
-        _check_features(self.features, "live backend")
+        _check_features(self.features, "live source")
         self.query_ids = [q.id for q in self.queries]
         self.prompts = [lm.encode_prompt(q.question) for q in self.queries]  # type: ignore[attr-defined]
         self._draws = 0
@@ -185,3 +188,7 @@ class LiveLMBackend:
         """Budgets whose prompt + budget + answer fit in the model's context."""
         fits = {budget: self.lm.fits(self.prompts[query], budget) for budget in self.budgets}  # type: ignore[attr-defined]
         return np.array([fits[a.budget] for a in self.actions], dtype=bool)
+
+    def known_costs(self, query: int) -> None:
+        """Unknown until the LM runs: an action's bill depends on what it generates."""
+        return None

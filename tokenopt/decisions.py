@@ -200,7 +200,7 @@ class DecisionLog:
         Returns:
             The request's arm and its correctness, or None when the id is unknown.
         """
-        from tokenopt.metrics import exact_match
+        from tokenopt.scoring import exact_match
 
         with self._lock:
             row = self._connection.execute("SELECT answer, arm FROM decisions WHERE id = ?", (request_id,)).fetchone()
