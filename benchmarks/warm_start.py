@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from tokenopt.agents.export import evaluate_policy, export_run
+from tokenopt.agents.common.evaluation import evaluate_policy
+from tokenopt.agents.export import export_run
 from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cost import CostModel
 

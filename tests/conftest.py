@@ -9,6 +9,16 @@ from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+HEAVY_FIXTURES = {"demo_table", "demo_policy", "probe_training", "escalating_probe_training", "probe_run"}
+"""Fixtures that collect the 1,500-query demo table or train on it: minutes on 2 cores."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a heavy fixture as slow, so `pytest -m "not slow"` stays a fast loop."""
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def demo_questions(tmp_path_factory: pytest.TempPathFactory) -> Path:

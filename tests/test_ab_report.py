@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tokenopt.agents.evaluation.ab_test import (
-    ab_report,
-    format_ab_report,
+from tokenopt.agents.common.statistics import (
     normal_cdf,
     normal_quantile,
     regularized_incomplete_beta,
@@ -19,6 +17,7 @@ from tokenopt.agents.evaluation.ab_test import (
     two_proportion_z_test,
     welch_t_test,
 )
+from tokenopt.agents.evaluation.ab_test import ab_report, format_ab_report
 from tokenopt.cli import app
 from tokenopt.decisions import DecisionLog, DecisionRecord
 

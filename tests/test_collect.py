@@ -10,8 +10,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tokenopt.collect import OUTCOME_SCHEMA, CollectConfig, collect
+from tokenopt.collect import CollectConfig, collect
 from tokenopt.table import OutcomeMatrix, load_outcomes
+from tokenopt.table.schema import OUTCOME_SCHEMA
 
 BUDGETS = [0, 4, 16]
 MODES = ["greedy", "sc3"]

@@ -1,9 +1,13 @@
 """`tokenopt collect --ray`: shards on a local Ray instance give the single-process table."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +18,7 @@ from tokenopt.table import load_outcomes
 
 ray = pytest.importorskip("ray")
 
-from tokenopt.collect.ray import FAULT_ONCE_ENV, RayConfig, collect_ray  # noqa: E402
+from tokenopt.collect.ray import RayConfig, collect_ray  # noqa: E402
 
 BUDGETS = [0, 4, 16]
 MODES = ["greedy", "sc5"]
@@ -88,8 +92,43 @@ def test_two_ray_workers_give_the_single_process_table(tmp_path, questions, refe
     assert manifest["settings"] == reference_manifest["settings"]
 
 
-def test_resume_reuses_shards_and_a_worker_killed_mid_shard_has_its_shard_redone_once(
-    tmp_path, questions, reference, monkeypatch
+class _WorkerKiller(threading.Thread):
+    """Kills every live shard actor's process with SIGKILL (from outside, as a crash would) once.
+
+    It waits until the actors are working (the first new shard file is written) while
+    shards are still pending, so the kill lands mid-collection.
+    """
+
+    def __init__(self, shard_dir, already: int, total: int) -> None:
+        super().__init__(daemon=True)
+        self.shard_dir, self.already, self.total = shard_dir, already, total
+        self.killed: list[int] = []
+        self.pending_at_kill = 0
+        self.stop = threading.Event()
+
+    def _written(self) -> int:
+        return len(list(self.shard_dir.glob("part-*.parquet")))
+
+    def run(self) -> None:
+        from ray.util.state import list_actors
+
+        while not self.stop.is_set():
+            written = self._written()
+            if written > self.already and ray.is_initialized():
+                actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "MapWorker" in a.class_name]
+                if actors and written < self.total:
+                    self.pending_at_kill = self.total - written
+                    for actor in actors:
+                        os.kill(int(actor.pid), signal.SIGKILL)
+                        self.killed.append(int(actor.pid))
+                    return
+            if written >= self.total:
+                return
+            time.sleep(0.05)
+
+
+def test_resume_reuses_shards_and_workers_killed_mid_collection_have_their_shards_redone_once(
+    tmp_path, questions, reference
 ):
     # One Ray run checks both (a Ray start and two actor loads cost most of a test on 2 cores).
     out = tmp_path / "ray"
@@ -99,19 +138,22 @@ def test_resume_reuses_shards_and_a_worker_killed_mid_shard_has_its_shard_redone
     for name in kept:
         shutil.copy(reference / "outcomes" / name, out / "outcomes" / name)
     before = {name: (out / "outcomes" / name).stat().st_mtime_ns for name in kept}
-    marker = tmp_path / "crash-once"
-    marker.touch()
-    monkeypatch.setenv(FAULT_ONCE_ENV, str(marker))  # inherited by the local Ray instance's workers
+    killer = _WorkerKiller(out / "outcomes", already=len(kept), total=N_QUERIES // SHARD_SIZE)
+    killer.start()
+    try:
+        summary = collect_ray(_config(out, questions), RAY_CONFIG)
+    finally:
+        killer.stop.set()
+        killer.join(timeout=30)
 
-    summary = collect_ray(_config(out, questions), RAY_CONFIG)
-
-    assert not marker.exists(), "no worker reached the fault"
+    assert killer.killed, "no worker was alive to kill while shards were pending"
+    assert killer.pending_at_kill >= 1
     assert summary.shards_reused == 2 and summary.shards_written == N_QUERIES // SHARD_SIZE - 2
     assert {name: (out / "outcomes" / name).stat().st_mtime_ns for name in kept} == before
     assert summary.rows == sum(pq.read_metadata(p).num_rows for p in (out / "outcomes").glob("part-*.parquet"))
     _assert_same_table(out, reference)  # one row per query and action: nothing lost, nothing twice
     leftovers = [name for name in _shard_names(out) if not name.endswith(".parquet")]
-    assert len(leftovers) <= 1  # at most the crashed attempt's temporary file, which no reader loads
+    assert len(leftovers) <= len(killer.killed)  # at most a killed attempt's temporary file, which no reader loads
 
 
 def test_unreachable_address_fails_fast_with_the_fix(tmp_path, questions):

@@ -11,8 +11,11 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import tokenopt.envs  # noqa: F401
 from tokenopt.envs import TokenBudgetProbeEnv
-from tokenopt.envs.probe import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS
+from tokenopt.probe import PROBE_INPUTS
+from tokenopt.probe import ProbeAction as Action
 from tokenopt.table import OutcomeMatrix, ReplayTable
+
+ANSWER, CONTINUE, ESCALATE = Action.ANSWER, Action.CONTINUE, Action.ESCALATE
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cli import app
 from tokenopt.cost import CostModel
 from tokenopt.envs import TokenBudgetProbeEnv
-from tokenopt.envs.probe import CONTINUE as ENV_CONTINUE
+from tokenopt.probe import ProbeAction
 from tokenopt.runtime import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS, BudgetPolicy, PolicyLoadError
 from tokenopt.table import OutcomeMatrix, ReplayTable
 
@@ -59,7 +59,7 @@ def test_session_sees_what_the_environment_shows_the_policy(probe_run, replay, d
             action = int(model.predict(stats.normalize_obs(observation[None, :]), deterministic=True)[0][0])
             if session.probabilities is not None:
                 asked += 1
-                assert decision == (CONTINUE if action == ENV_CONTINUE else ANSWER)
+                assert decision == (CONTINUE if action == ProbeAction.CONTINUE else ANSWER)
             observation, _, done, _, info = env.step(action)
             if done and decision == CONTINUE:
                 # The environment answered at the next checkpoint by itself (natural stop or the
@@ -212,7 +212,7 @@ def test_deer_rule_at_the_extreme_thresholds(replay):
     for query in range(0, len(rows), 9):
         env.reset(options={"query": query})
         while True:
-            *_, done, _, info = env.step(ENV_CONTINUE)
+            *_, done, _, info = env.step(ProbeAction.CONTINUE)
             if done:
                 break
         assert info["billed_tokens"] == never["greedy, from b0, confidence > 1"].billed_tokens[query]

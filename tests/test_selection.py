@@ -9,10 +9,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from tokenopt.agents.common.hyperparams import ENV_IDS, check_keys, load_config
 from tokenopt.agents.evaluation.cv import fold_splits
 from tokenopt.agents.evaluation.gate import GateConfig, paired_bootstrap_lower_bound, run_gate
 from tokenopt.agents.export import export_policy, export_run
-from tokenopt.agents.ppo.train import ENV_IDS, TrainConfig, _check_keys, load_config, train
+from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.agents.ppo.tune import GRID, objective_value, trials_to_run
 from tokenopt.cli import app
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
@@ -203,7 +204,7 @@ def test_tune_writes_a_loadable_best_config_and_resumes(demo_table, tmp_path):
     assert "best trial" in _output(first)
     env_id = ENV_IDS["budget"]
     hyperparams = load_config(out / "best.yml", env_id)
-    _check_keys(hyperparams, "best.yml")
+    check_keys(hyperparams, "best.yml")
     assert hyperparams["n_timesteps"] == 4096
     assert str(hyperparams["learning_rate"]).startswith("lin_")
     assert hyperparams["policy_kwargs"]["activation_fn"] == "tanh"

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tokenopt.agents.export import evaluate_policy, export_run
+from tokenopt.agents.common.evaluation import evaluate_policy
+from tokenopt.agents.export import export_run
 from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.cost import CostModel
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
