@@ -32,10 +32,18 @@ class Rule:
 RULES = [
     Rule("tokenopt.envs", ("tokenopt.agents", "tokenopt.serve", "tokenopt.cli"), "envs never import agents"),
     Rule("tokenopt.agents", ("tokenopt.serve", "fastapi", "uvicorn", "prometheus_client"), "agents never import serve"),
-    Rule("tokenopt.lm", ("tokenopt.envs", "tokenopt.agents", "tokenopt.serve", "tokenopt.cli"), "lm never imports envs or agents"),
-    Rule("tokenopt.table", ("tokenopt.collect", "tokenopt.lm", "tokenopt.envs", "tokenopt.agents"), "the table reader never imports collect"),
+    Rule(
+        "tokenopt.lm",
+        ("tokenopt.envs", "tokenopt.agents", "tokenopt.serve", "tokenopt.cli"),
+        "lm never imports envs or agents",
+    ),
+    Rule(
+        "tokenopt.table",
+        ("tokenopt.collect", "tokenopt.lm", "tokenopt.envs", "tokenopt.agents"),
+        "the table reader never imports collect",
+    ),
     Rule("tokenopt.decisions", ("tokenopt.serve", "fastapi"), "the decision log is read without the serve extra"),
-]  # fmt: skip
+]
 
 
 def _is_under(name: str, prefix: str) -> bool:
