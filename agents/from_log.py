@@ -61,6 +61,7 @@ import torch
 import yaml
 
 from tokenopt.agents.common.hyperparams import ACTIVATIONS
+from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.export import export_policy
 from tokenopt.cost import CostSettings
 from tokenopt.decisions import LoggedDecisions, read_decisions
@@ -637,7 +638,7 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
         epochs=history,
         seconds=time.perf_counter() - started,
     )
-    (out / "config.yml").write_text(yaml.safe_dump(asdict(config), sort_keys=False), encoding="utf-8")
+    RunDir(out).config.write_text(yaml.safe_dump(asdict(config), sort_keys=False), encoding="utf-8")
     (out / "from_log.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.runtime import BudgetPolicy
 
 
@@ -40,8 +41,9 @@ def main() -> None:
     from stable_baselines3 import PPO
 
     policy = BudgetPolicy.load(args.run / "policy")
-    model = PPO.load(args.run / "checkpoints" / "best_model.zip", device="cpu")
-    normalizer = pickle.loads((args.run / "checkpoints" / "vecnormalize.pkl").read_bytes())
+    run = RunDir(args.run)
+    model = PPO.load(run.best_model, device="cpu")
+    normalizer = pickle.loads(run.vecnormalize.read_bytes())
     rng = np.random.default_rng(0)
     prompts = [
         "C " + "+".join(str(d) for d in rng.integers(1, 10, size=int(rng.integers(2, 7)))) + "?" for _ in range(256)

@@ -62,11 +62,11 @@ def property_table(directory: str | Path, split: str | None = "test") -> str:
     directory = Path(directory)
     matrix = OutcomeMatrix.from_table(directory).subset(split)
     families, levels = _family_columns(directory, matrix.ids)
-    modes = list(dict.fromkeys(action.split("/")[1] for action in matrix.actions))
+    parsed = matrix.parsed_actions
     lines: list[str] = []
-    for mode in modes:
-        columns = [j for j, action in enumerate(matrix.actions) if action.endswith(f"/{mode}")]
-        header = [matrix.actions[j].split("/")[0].replace("b", "budget ") for j in columns]
+    for mode in matrix.mode_names:
+        columns = matrix.mode_columns(mode)
+        header = [f"budget {parsed[j].budget}" for j in columns]
         lines += [f"**{mode}**: EM (mean billed tokens)", ""]
         lines.append("| family | difficulty | n | " + " | ".join(header) + " |")
         lines.append("|---" * (3 + len(columns)) + "|")
@@ -96,8 +96,8 @@ def check_properties(
     families, levels = _family_columns(directory, matrix.ids)
     actions = matrix.actions
     column = {action: j for j, action in enumerate(actions)}
-    budgets = sorted({int(action.split("/")[0][1:]) for action in actions})
-    modes = list(dict.fromkeys(action.split("/")[1] for action in actions))
+    budgets = sorted({action.budget for action in matrix.parsed_actions})
+    modes = matrix.mode_names
     first, last = f"b{budgets[0]}/greedy", f"b{budgets[-1]}/greedy"
 
     def em(mask: np.ndarray, action: str) -> float:

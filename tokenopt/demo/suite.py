@@ -227,9 +227,8 @@ def write_jsonl(records: list[dict[str, object]], path: str | Path) -> Path:
     """Write records as JSONL, one object per line, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    partial.replace(path)
+    from tokenopt.table.schema import write_atomic
+
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    write_atomic(path, lambda partial: partial.write_text(text, encoding="utf-8"))
     return path
