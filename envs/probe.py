@@ -11,7 +11,15 @@ from gymnasium import spaces
 
 from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.data import SPLITS
-from tokenopt.probe import PROBE_INPUTS, ProbeAction, answer_adjustment, probe_inputs, probe_observation, segment_bill
+from tokenopt.probe import (
+    PROBE_INPUTS,
+    ProbeAction,
+    answer_adjustment,
+    escalate_columns,
+    probe_inputs,
+    probe_observation,
+    segment_bill,
+)
 from tokenopt.table import OutcomeMatrix, ReplayTable
 
 __all__ = ["DEFAULT_MODE", "DEFAULT_PROBE_TOKEN_PRICE", "PROBE_INPUTS", "TokenBudgetProbeEnv"]
@@ -117,7 +125,8 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         if len(self.ladder) < 2:
             raise ValueError(f"mode {mode!r} has {len(self.ladder)} budget(s); probing needs at least 2 checkpoints")
         self.escalate_mode = escalate_mode
-        self.escalate_columns = _escalate_columns(replay, mode, self.ladder, escalate_mode)
+        actions = list(zip(replay.budgets.tolist(), replay.modes, strict=True))
+        self.escalate_columns = escalate_columns(actions, mode, escalate_mode)
         """Per checkpoint: the action column escalation answers with (empty without ``escalate_mode``)."""
         self.cost_model = CostModel(cost_weight, token_price)
         self.probe_token_price = float(probe_token_price)
@@ -232,28 +241,3 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
             "query_id": self.replay.matrix.ids[i],
         }
         return self._observation(), reward, True, False, info
-
-
-def _escalate_columns(replay: ReplayTable, mode: str, ladder: list[int], escalate_mode: str | None) -> list[int]:
-    """The column of (checkpoint budget, ``escalate_mode``) for each checkpoint of ``mode``'s ladder.
-
-    Raises:
-        ValueError: ``escalate_mode`` is not in the table, is ``mode`` itself, or lacks a
-            checkpoint's budget.
-    """
-    if escalate_mode is None:
-        return []
-    if escalate_mode not in replay.mode_names:
-        raise ValueError(f"escalate_mode {escalate_mode!r} is not in the table; it has {replay.mode_names}")
-    if escalate_mode == mode:
-        others = [name for name in replay.mode_names if name != mode]
-        raise ValueError(f"escalate_mode {escalate_mode!r} is the reasoning mode itself; pick another: {others}")
-    column_of = {int(replay.budgets[j]): j for j in replay.ladder(escalate_mode)}
-    budgets = [int(replay.budgets[j]) for j in ladder]
-    missing = [budget for budget in budgets if budget not in column_of]
-    if missing:
-        raise ValueError(
-            f"escalate_mode {escalate_mode!r} has no action at the checkpoint budgets {missing} of mode {mode!r} "
-            f"(it has {sorted(column_of)}); escalation answers at the current checkpoint's budget"
-        )
-    return [column_of[budget] for budget in budgets]

@@ -23,6 +23,7 @@ __all__ = [
     "PROBE_INPUTS",
     "ProbeAction",
     "answer_adjustment",
+    "escalate_columns",
     "exit_bill",
     "probe_inputs",
     "probe_observation",
@@ -119,3 +120,39 @@ def exit_bill(reasoning: float, earlier_probe_tokens: float, probe_tokens: float
     full (it is the answer).
     """
     return float(reasoning + probe_token_price * earlier_probe_tokens + probe_tokens)
+
+
+def escalate_columns(
+    actions: Sequence[tuple[int, str]], mode: str, escalate_mode: str | None, where: str = "the table"
+) -> list[int]:
+    """The action column of (checkpoint budget, ``escalate_mode``) for each checkpoint of ``mode``.
+
+    The one check of an escalate mode, for the environment, the runtime and the replay.
+
+    Args:
+        actions: the action table as (budget, mode) pairs, in column order.
+        mode: the mode the request reasons in (its budgets are the checkpoints).
+        escalate_mode: the mode escalation answers in; None gives ``[]``.
+        where: how to name the action table in a message.
+
+    Raises:
+        ValueError: ``escalate_mode`` is not in the action table, is ``mode`` itself, or
+            lacks a checkpoint's budget.
+    """
+    if escalate_mode is None:
+        return []
+    modes = list(dict.fromkeys(m for _, m in actions))
+    if escalate_mode not in modes:
+        raise ValueError(f"escalate_mode {escalate_mode!r} is not in {where}; it has {modes}")
+    if escalate_mode == mode:
+        others = [name for name in modes if name != mode]
+        raise ValueError(f"escalate_mode {escalate_mode!r} is the reasoning mode itself; pick another: {others}")
+    column_of = {budget: j for j, (budget, m) in enumerate(actions) if m == escalate_mode}
+    checkpoints = sorted(budget for budget, m in actions if m == mode)
+    missing = [budget for budget in checkpoints if budget not in column_of]
+    if missing:
+        raise ValueError(
+            f"escalate_mode {escalate_mode!r} has no action at the checkpoint budgets {missing} of mode {mode!r} "
+            f"(it has {sorted(column_of)}); escalation answers at the current checkpoint's budget"
+        )
+    return [column_of[budget] for budget in checkpoints]

@@ -30,7 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from tokenopt.features import FeatureSpec, PromptFeatures
-from tokenopt.probe import ANSWER, CONTINUE, ESCALATE, PROBE_INPUTS, ProbeAction, probe_inputs, probe_observation
+from tokenopt.probe import (
+    ANSWER,
+    CONTINUE,
+    ESCALATE,
+    PROBE_INPUTS,
+    ProbeAction,
+    escalate_columns,
+    probe_inputs,
+    probe_observation,
+)
 from tokenopt.scoring import normalize_answer
 
 __all__ = [
@@ -139,16 +148,13 @@ def _probe_settings(spec: dict[str, object], actions: list[dict[str, object]]) -
         )
     escalate_mode = raw.get("escalate_mode")
     if escalate_mode is not None:
-        if not isinstance(escalate_mode, str) or escalate_mode == mode:
-            raise PolicyLoadError(
-                f"probe escalate_mode must be the name of a mode other than {mode!r}, or absent; got {escalate_mode!r}"
-            )
-        escalate_budgets = {int(a["budget"]) for a in actions if a["mode"] == escalate_mode}  # type: ignore[call-overload]
-        missing = [budget for budget in checkpoints if budget not in escalate_budgets]
-        if missing:
-            raise PolicyLoadError(
-                f"probe escalate_mode {escalate_mode!r} has no action at the checkpoints {missing} in the action table"
-            )
+        if not isinstance(escalate_mode, str):
+            raise PolicyLoadError(f"probe escalate_mode must be the name of a mode, or absent; got {escalate_mode!r}")
+        table = [(int(a["budget"]), str(a["mode"])) for a in actions]  # type: ignore[call-overload]
+        try:
+            escalate_columns(table, str(mode), escalate_mode, "the action table")
+        except ValueError as error:
+            raise PolicyLoadError(f"probe {error}") from None
     return ProbeSettings(str(mode), tuple(checkpoints), float(price), escalate_mode)
 
 

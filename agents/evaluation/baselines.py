@@ -34,7 +34,7 @@ import numpy as np
 
 from tokenopt.actions import parse_mode
 from tokenopt.cost import CostModel
-from tokenopt.probe import ANSWER, ESCALATE, exit_bill, segment_bill
+from tokenopt.probe import ANSWER, ESCALATE, escalate_columns, exit_bill, segment_bill
 from tokenopt.runtime import BudgetPolicy
 from tokenopt.scoring import majority_vote
 from tokenopt.table import ReplayTable
@@ -383,18 +383,9 @@ def probe_controller_point(
             f"the controller's checkpoints {list(settings.checkpoints)} are not the table's {settings.mode} budgets "
             f"{[int(replay.budgets[j]) for j in ladder]}"
         )
-    escalate_column: dict[int, int] = {}
-    if settings.escalate_mode is not None:
-        if settings.escalate_mode not in replay.mode_names:
-            raise ValueError(
-                f"the controller escalates to mode {settings.escalate_mode!r}; the table has {replay.mode_names}"
-            )
-        escalate_column = {int(replay.budgets[j]): j for j in replay.ladder(settings.escalate_mode)}
-        absent = [budget for budget in settings.checkpoints if budget not in escalate_column]
-        if absent:
-            raise ValueError(
-                f"the table has no {settings.escalate_mode} action at the controller's checkpoints {absent}"
-            )
+    table = list(zip(replay.budgets.tolist(), replay.modes, strict=True))
+    columns_of_escalation = escalate_columns(table, settings.mode, settings.escalate_mode, "the outcome table")
+    escalate_column = dict(zip(settings.checkpoints, columns_of_escalation, strict=False))
     missing = [query_id for query_id in replay.matrix.ids if query_id not in questions]
     if missing:
         raise ValueError(f"{len(missing)} queries have no question in queries.parquet, e.g. {missing[0]!r}")
