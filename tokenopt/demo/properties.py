@@ -1,7 +1,7 @@
 """The demo's property table: EM and billed tokens per family, difficulty and action.
 
 It checks, on a collected outcome table of the demo suite, the properties that
-make the demo a real token/EM trade-off (see the README): a family answered at
+make the demo a real token/EM trade-off (see docs/demo.md): a family answered at
 budget 0, families whose EM rises with the budget, a family no budget helps, a
 family where a non-greedy mode beats greedy, and an oracle that beats the best
 fixed action by a margin.

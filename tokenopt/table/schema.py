@@ -76,7 +76,7 @@ OUTCOME_SCHEMA = pa.schema(
     ],
     metadata={"tokenopt.schema_version": str(SCHEMA_VERSION)},
 )
-"""The outcome table's columns (documented in the README)."""
+"""The outcome table's columns (documented in docs/collect.md)."""
 
 
 def shard_path(table_dir: str | Path, index: int) -> Path:
