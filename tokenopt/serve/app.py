@@ -54,11 +54,11 @@ class ServeConfig:
     policy_b: Path | None = None
     """Policy folder of arm B, for an A/B test."""
     split: float = 0.5
-    """Share of users sent to arm B."""
+    """Share of users sent to arm B, in [0, 1]."""
     model: str | None = None
-    """Local causal-LM folder; with neither this nor ``upstream``, the demo LM."""
+    """Local causal-LM folder to serve; with neither this nor ``upstream``, the demo LM."""
     upstream: str | None = None
-    """Base URL of an OpenAI-compatible server to forward to."""
+    """Base URL of an OpenAI-compatible server to forward to (vLLM, TGI, llama.cpp)."""
     upstream_model: str = "default"
     """Model name sent to the upstream."""
     upstream_api_key: str | None = None
@@ -76,7 +76,7 @@ class ServeConfig:
     log_prompts: bool = False
     """Also store prompt texts in the log (off: features only)."""
     explore: float = 0.0
-    """Share of requests served a uniformly random action (logged with its propensity)."""
+    """Share of requests served a uniformly random action (logged with its propensity), in [0, 1]."""
     seed: int = 0
     """Seed of exploration."""
     max_concurrency: int = 64
@@ -96,13 +96,13 @@ class ServeConfig:
     default_max_tokens: int = 64
     """``max_tokens`` of a bypassed request that does not set it."""
     device: str = "auto"
-    """Device of the local LM."""
+    """Device of the local LM: auto, cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
-    """Dtype of the local LM."""
+    """Dtype of the local LM: auto, float32, float16 or bfloat16."""
     prompt_template: str = "{question}"
-    """Prompt template of the local LM."""
+    """Prompt template of the local LM, with a {question} placeholder."""
     answer_cue: str = "="
-    """The cue that forces an answer."""
+    """The cue appended when the budget runs out (budget forcing)."""
     answer_regex: str | None = None
     """Regex reading the answer after the cue."""
     max_answer_tokens: int = 8
@@ -274,6 +274,9 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
     stream = _field(body, "stream", (bool,), False)
     options = _field(body, "stream_options", (dict,), {})
     seed = _field(body, "seed", (int,))
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError(422, f"`seed` must be in [0, {MAX_SEED}]; got {seed}", "seed")
+    model = _field(body, "model", (str,), "")
     user = _field(body, "user", (str,))
     stop = body.get("stop")
     if stop is None:
@@ -299,7 +302,7 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
         raise RequestError(422, f"`n` = {n} needs sampling (temperature > 0) and no streaming", "n")
     return ParsedRequest(
         endpoint=endpoint,
-        model=str(body.get("model") or ""),
+        model=model,
         prompt=question,
         raw_prompt=raw,
         max_tokens=max_tokens,
@@ -368,6 +371,53 @@ class ServerState:
         if "B" in self.arms and _stable_fraction(user_key) < self.config.split:
             return self.arms["B"]
         return self.arms["A"]
+
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects a request body may have (OpenAI's bodies need 4)."""
+
+MAX_SEED = 2**63 - 1
+"""Largest ``seed`` a request may give (the samplers take signed 64-bit seeds)."""
+
+
+def _json_depth_ok(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text nests arrays and objects at most ``limit`` deep (brackets in strings skipped)."""
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates), anywhere in the body."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            message = f"`{where}` holds a lone surrogate (e.g. \\ud800), which is not valid text"
+            raise RequestError(400, message, where or None) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
 
 
 def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -451,10 +501,16 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         raw = await request.body()
         if len(raw) > config.max_body_bytes:
             raise RequestError(413, f"the body has {len(raw)} bytes; this server accepts up to {config.max_body_bytes}")
+        if not _json_depth_ok(raw, MAX_JSON_DEPTH):
+            raise RequestError(400, f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RequestError(400, f"the body is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:  # e.g. an integer of more than 4,300 digits
+            raise RequestError(400, f"the body cannot be read: {error}") from None
+        _check_text(body, "")
+        return body
 
     async def completions(request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
@@ -1033,7 +1089,13 @@ def build_backend(config: ServeConfig) -> Any:
         max_answer_tokens=config.max_answer_tokens,
         use_chat_template=config.chat_template,
     )
-    lm = TransformersLM(config.model, device=config.device, dtype=config.dtype, prompt_format=prompt_format)
+    lm = TransformersLM(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        prompt_format=prompt_format,
+        temperature=config.temperature,
+    )
     return LocalBackend(lm, max_batch=config.max_batch, batch_wait_ms=config.batch_wait_ms)
 
 

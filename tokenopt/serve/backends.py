@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -209,37 +210,67 @@ class LocalBackend:
                 return
 
     def _serve(self, key: tuple[Any, ...], jobs: list[_Job]) -> None:
-        try:
-            if key[0] == "plain":
-                for job in jobs:
-                    job.resolve(self.lm.generate_plain(**job.args))
-                return
-            _, mode_name, budget, answer_cap = key
-            mode = parse_mode(mode_name)
-            for start in range(0, len(jobs), self.max_batch):
-                chunk = jobs[start : start + self.max_batch]
-                listeners = [job.args.get("on_token") for job in chunk]
-
-                def listener(slot: int, token: int, listeners: list[Any] = listeners) -> None:
-                    if listeners[slot] is not None:
-                        listeners[slot](token)
-
-                completions = self.lm.complete(
-                    [job.args["prompt"] for job in chunk],
-                    mode,
-                    budget if budget is not None else [job.args["budget"] for job in chunk],
-                    seeds=[job.args["seed"] for job in chunk],
-                    max_answer_tokens=answer_cap,
-                    listener=listener if any(callback is not None for callback in listeners) else None,
-                )
-                self.batches += 1
-                self.batched_requests += len(chunk)
-                for job, completion in zip(chunk, completions, strict=True):
-                    job.resolve(self._generation(completion, mode))
-        except Exception as error:  # the worker must survive any request
-            logger.exception("the LM failed on a batch of %d requests", len(jobs))
+        """Decode a group of jobs; a batch that fails is retried job by job, so only the guilty job fails."""
+        if key[0] == "plain":
             for job in jobs:
-                job.resolve(error=BackendError(f"the LM failed: {error}"))
+                self._serve_alone(job, None)
+            return
+        for start in range(0, len(jobs), self.max_batch):
+            chunk = jobs[start : start + self.max_batch]
+            try:
+                self._decode_chunk(key, chunk)
+            except Exception:
+                if len(chunk) == 1:
+                    self._fail(chunk)
+                    continue
+                logger.warning("a batch of %d requests failed; retrying them one by one", len(chunk))
+                for job in chunk:
+                    if job.args.get("streamed"):
+                        # Its client already has part of the text: a retry would send it twice.
+                        self._fail([job])
+                    else:
+                        self._serve_alone(job, key)
+
+    def _serve_alone(self, job: _Job, key: tuple[Any, ...] | None) -> None:
+        """Serve one job (plain when ``key`` is None); its failure fails it alone."""
+        try:
+            if key is None:
+                job.resolve(self.lm.generate_plain(**job.args))
+            else:
+                self._decode_chunk(key, [job])
+        except Exception:  # the worker must survive any request
+            self._fail([job])
+
+    def _fail(self, jobs: list[_Job]) -> None:
+        error = sys.exc_info()[1]
+        logger.exception("the LM failed on a request")
+        for job in jobs:
+            job.resolve(error=BackendError(f"the LM failed: {error}"))
+
+    def _decode_chunk(self, key: tuple[Any, ...], chunk: list[_Job]) -> None:
+        _, mode_name, budget, answer_cap = key
+        mode = parse_mode(mode_name)
+        listeners = [job.args.get("on_token") for job in chunk]
+
+        def listener(slot: int, token: int) -> None:
+            callback = listeners[slot]
+            if callback is not None:
+                chunk[slot].args["streamed"] = True
+                callback(token)
+
+        completions = self.lm.complete(
+            [job.args["prompt"] for job in chunk],
+            mode,
+            budget if budget is not None else [job.args["budget"] for job in chunk],
+            seeds=[job.args["seed"] for job in chunk],
+            max_answer_tokens=answer_cap,
+            listener=listener if any(callback is not None for callback in listeners) else None,
+        )
+        self.batches += 1
+        self.batched_requests += len(chunk)
+        generations = [self._generation(completion, mode) for completion in completions]
+        for job, generation in zip(chunk, generations, strict=True):
+            job.resolve(generation)
 
     def _generation(self, completion: Any, mode: Mode) -> Generation:
         outcome = completion.outcome
