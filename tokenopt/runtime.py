@@ -165,7 +165,12 @@ def _sha256(path: Path) -> str:
 def _array(arrays: dict[str, np.ndarray], name: object) -> np.ndarray:
     if not isinstance(name, str) or name not in arrays:
         raise PolicyLoadError(f"policy.npz has no array {name!r}; it has {sorted(arrays)}")
-    return arrays[name]
+    array = arrays[name]
+    if array.dtype.kind not in "fiu":
+        raise PolicyLoadError(f"policy.npz array {name!r} has dtype {array.dtype}; expected numbers")
+    if not np.isfinite(array).all():
+        raise PolicyLoadError(f"policy.npz array {name!r} holds values that are not finite")
+    return array
 
 
 class BudgetPolicy:
@@ -228,6 +233,7 @@ class BudgetPolicy:
             raise PolicyLoadError(
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
+        self._check_network(expected)
         self.probe: ProbeSettings | None = None
         """The probe settings of a probe controller; None for a policy that picks (budget, mode)."""
         if spec.get("env_id") == PROBE_ENV_ID:
@@ -245,6 +251,44 @@ class BudgetPolicy:
                     f"a probe controller with escalate_mode {self.probe.escalate_mode!r} has 3 outputs (answer, "
                     f"continue, escalate); got {sorted(outputs)}"
                 )
+        else:
+            outputs = {layers[-1][0].shape[1] for layers in self.members}
+            if outputs != {len(self.actions)}:
+                raise PolicyLoadError(
+                    f"the network has {sorted(outputs)} outputs; the action table has {len(self.actions)} actions"
+                )
+
+    def _check_network(self, inputs: int) -> None:
+        """Every layer's shape against its neighbours, then one decision on a zero input (no surprise at serving).
+
+        Raises:
+            PolicyLoadError: a bias, a layer's inputs or a normalisation array does not fit.
+        """
+        if not self.members:
+            raise PolicyLoadError("the policy has no members (no network to evaluate)")
+        if (self.obs_var < 0).any():
+            raise PolicyLoadError("obs_var holds negative variances")
+        for m, layers in enumerate(self.members):
+            if not layers:
+                raise PolicyLoadError(f"member {m} has no layers")
+            width = inputs
+            for i, (weight, bias, _) in enumerate(layers):
+                if weight.ndim != 2 or weight.shape[0] != width:
+                    raise PolicyLoadError(
+                        f"member {m} layer {i} has weights of shape {weight.shape}; it takes {width} inputs"
+                    )
+                if bias.shape != (weight.shape[1],):
+                    raise PolicyLoadError(
+                        f"member {m} layer {i} has a bias of shape {bias.shape}; expected ({weight.shape[1]},)"
+                    )
+                width = weight.shape[1]
+        for mean, var in self.member_normalization:
+            if (var < 0).any() or mean.shape != (inputs,):
+                raise PolicyLoadError(f"a member's normalisation does not fit the {inputs} inputs")
+        try:
+            self.probabilities(np.zeros((1, inputs)))
+        except (ValueError, FloatingPointError) as error:
+            raise PolicyLoadError(f"the network cannot be evaluated: {error}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPolicy:
@@ -263,8 +307,10 @@ class BudgetPolicy:
                 raise PolicyLoadError(f"{required} is missing; export the run with `tokenopt export RUN`")
         try:
             spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
             raise PolicyLoadError(f"{spec_path} is not valid JSON: {error}") from None
+        if not isinstance(spec, dict):
+            raise PolicyLoadError(f"{spec_path} must hold a JSON object; got {type(spec).__name__}")
         if spec.get("format") != "tokenopt-policy":
             raise PolicyLoadError(f"{spec_path} is not a tokenopt policy (format {spec.get('format')!r})")
         version = spec.get("format_version")
@@ -282,9 +328,18 @@ class BudgetPolicy:
             FeatureSpec.from_dict(spec["feature_spec"])
         except (KeyError, ValueError) as error:
             raise PolicyLoadError(f"{spec_path}: feature spec mismatch: {error}") from None
-        with np.load(weights_path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-        return cls(spec, arrays)
+        try:
+            with np.load(weights_path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (ValueError, OSError, EOFError) as error:  # e.g. an object array, which would need pickle
+            raise PolicyLoadError(f"{weights_path} cannot be read without pickle: {error}") from None
+        try:
+            return cls(spec, arrays)
+        except PolicyLoadError as error:
+            raise PolicyLoadError(f"{spec_path}: {error}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            # A field of the wrong JSON type or missing: the policy is malformed, not a bug to crash on.
+            raise PolicyLoadError(f"{spec_path} is malformed: {type(error).__name__}: {error}") from None
 
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
