@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenopt.decisions import DecisionLog, DecisionRecord
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
@@ -336,6 +338,8 @@ class ServerState:
     admitted: int = 0
     ready: bool = False
     semaphore: asyncio.Semaphore | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+    """When the server started (Unix seconds): the ``created`` of ``/v1/models``."""
 
     def load_arms(self) -> dict[str, Arm]:
         """Load every arm's policy; raises :class:`PolicyLoadError` naming the file."""
@@ -422,6 +426,7 @@ def _check_text(value: Any, where: str) -> None:
 
 def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    kinds.update({405: "invalid_request_error"})
     kinds.update({413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"})
     return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": param, "code": status}}
 
@@ -479,8 +484,50 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         except PolicyLoadError as error:
             logger.error("SIGHUP: reload failed, still serving the previous policies: %s", error)
 
-    app = FastAPI(title="tokenopt", lifespan=lifespan)
+    pages: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if config.api_key else {}
+    app = FastAPI(title="tokenopt", lifespan=lifespan, **pages)
     app.state.tokenopt = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        # Unknown routes (404) and wrong methods (405) in OpenAI's error shape, counted like any error.
+        status = int(error.status_code)
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        state.metrics.errors.labels(kind=str(status)).inc()
+        return JSONResponse(_error_body(status, message), status, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> Response:
+        # The last resort: still OpenAI-shaped JSON, still counted in /metrics, and logged with its traceback.
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+        state.metrics.errors.labels(kind="500").inc()
+        return JSONResponse(_error_body(500, f"internal error: {type(error).__name__}"), 500)
+
+    if config.api_key:
+        # FastAPI's API pages answer only with the key, as every other route does.
+        @app.get("/openapi.json", include_in_schema=False)
+        async def get_openapi(request: Request) -> Response:
+            try:
+                check_key(request)
+            except RequestError as error:
+                return error_response(error)
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def get_docs(request: Request) -> Response:
+            try:
+                check_key(request)
+            except RequestError as error:
+                return error_response(error)
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="tokenopt")
+
+        @app.get("/redoc", include_in_schema=False)
+        async def get_redoc(request: Request) -> Response:
+            try:
+                check_key(request)
+            except RequestError as error:
+                return error_response(error)
+            return get_redoc_html(openapi_url="/openapi.json", title="tokenopt")
 
     def error_response(error: RequestError) -> JSONResponse:
         state.metrics.errors.labels(kind=str(error.status)).inc()
@@ -963,6 +1010,16 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         except RequestError as error:
             return error_response(error)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def get_models(request: Request) -> Response:
+        # Many OpenAI clients and UIs list the models first.
+        try:
+            check_key(request)
+        except RequestError as error:
+            return error_response(error)
+        model = {"id": str(state.backend.name), "object": "model", "created": state.started, "owned_by": "tokenopt"}
+        return JSONResponse({"object": "list", "data": [model]})
 
     @app.get("/healthz")
     async def get_healthz() -> Response:
