@@ -1,4 +1,4 @@
-"""OpenAI compatibility of the server's edges: /v1/models, error shapes for unknown routes, the API pages behind the key."""
+"""OpenAI compatibility at the edges: /v1/models, error shapes of unknown routes, API pages behind the key."""
 
 from __future__ import annotations
 
