@@ -56,3 +56,22 @@ def test_api_pages_need_the_key_when_one_is_set(tmp_path, demo_policy):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         assert [model.id for model in client.models.list().data] == ["demo"]
         assert httpx.get(f"{url}/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "param"),
+    [
+        ({"top_p": 0.5}, 422, "top_p"),
+        ({"frequency_penalty": 1.0}, 422, "frequency_penalty"),
+        ({"best_of": True}, 422, "best_of"),
+        ({"frobnicate": 1}, 422, "frobnicate"),
+        ({"logprobs": 1}, 422, "logprobs"),
+        ({"top_p": 1, "presence_penalty": 0, "echo": False, "suffix": None}, 200, None),
+    ],
+)
+def test_unsupported_parameters_are_refused_by_name_unless_neutral(server, extra, status, param):
+    response = httpx.post(f"{server}/v1/completions", json={"prompt": "M 1 2?", **extra})
+    assert response.status_code == status, response.text
+    if param is not None:
+        error = response.json()["error"]
+        assert error["param"] == param and param in error["message"]

@@ -239,6 +239,12 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
     """Validate a request body; raise :class:`RequestError` (422, 413) naming the bad field."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the request body must be a JSON object; got {type(body).__name__}")
+    for name, value in body.items():
+        if name in SUPPORTED_FIELDS[endpoint] or value is None:
+            continue
+        if any(type(value) is type(neutral) and value == neutral for neutral in NEUTRAL_VALUES.get(name, ())):
+            continue
+        raise RequestError(422, f"`{name}` is not supported by tokenopt serve (got {value!r:.60}); remove it", name)
     if endpoint == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -296,6 +302,10 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
     bypass = extension.get("bypass", False)
     if not isinstance(bypass, bool):
         raise RequestError(422, "`tokenopt.bypass` must be a boolean", "tokenopt")
+    if logprobs is not None and not (bypass or bypass_header):
+        raise RequestError(
+            422, "`logprobs` is returned only for requests that bypass the policy (tokenopt.bypass)", "logprobs"
+        )
     if n != 1 and not (bypass or bypass_header):
         raise RequestError(422, f"`n` must be 1 (the policy picks the decoding mode); got {n}", "n")
     if not 1 <= n <= 16:
@@ -376,6 +386,32 @@ class ServerState:
             return self.arms["B"]
         return self.arms["A"]
 
+
+SUPPORTED_FIELDS = {
+    "completions": {"model", "prompt", "max_tokens", "n", "temperature", "stream", "stream_options", "seed", "user",
+                    "stop", "logprobs", "tokenopt"},
+    "chat.completions": {"model", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "stream",
+                         "stream_options", "seed", "user", "stop", "tokenopt"},
+}  # fmt: skip
+"""The request fields the server acts on, per endpoint."""
+
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "top_p": (1, 1.0),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "best_of": (1,),
+    "echo": (False,),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "parallel_tool_calls": (True, False),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "metadata": ({},),
+    "store": (False,),
+}
+"""Fields the server does not implement but accepts at the value that changes nothing (clients send
+some of them by default); any other value, or any unknown field, is an error naming the field."""
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays and objects a request body may have (OpenAI's bodies need 4)."""
