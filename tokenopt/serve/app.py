@@ -648,8 +648,8 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
                 return failed(error, arm, endpoint, holder, started)
             finally:
                 release()
-            decision = await succeeded(generation, record, arm, endpoint, started)
-            return respond(parsed, request_id, arm, generation, record, decision)
+            decision = await succeeded(generation, record, arm, endpoint, started, log=not parsed.stream)
+            return respond(parsed, request_id, arm, generation, record, decision, holder, started)
         # Live streaming: answer once the first token (or the outcome) is known, so that an
         # error before any token still gets its status code.
         getter = asyncio.ensure_future(tokens.get())
@@ -659,11 +659,29 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             release()
             return failed(task.exception(), arm, endpoint, holder, started)  # type: ignore[arg-type]
         record = holder["record"]
-        return StreamingResponse(
+        return _ClosingStreamingResponse(
             live_events(parsed, request_id, arm, task, getter, tokens, holder, started, release),
+            on_close=lambda: log_stream_end(holder, started, release, task),
             media_type="text/event-stream",
             headers=decision_headers(request_id, arm, record),
         )
+
+    def log_stream_end(holder: dict[str, Any], started: float, release: Any = None, task: Any = None) -> None:
+        """Log a streamed request exactly once when its response ends: 200 if every event went out, else 499."""
+        if task is not None and not task.done():
+            task.cancel()  # the client left before the stream started: stop generating for it
+        if release is not None:
+            release()
+        if holder.get("logged") or "record" not in holder:
+            return
+        holder["logged"] = True
+        record = holder["record"]
+        record.status = 200 if holder.get("completed") else CLIENT_CLOSED
+        record.latency_ms = (time.perf_counter() - started) * 1000.0
+        if record.status == CLIENT_CLOSED:
+            arm_name = record.arm
+            state.metrics.requests.labels(arm=arm_name, endpoint=record.endpoint, status=str(CLIENT_CLOSED)).inc()
+        state.log.append(record, record.checkpoints)  # type: ignore[union-attr]
 
     def failed(error: BaseException, arm: Arm, endpoint: str, holder: dict[str, Any], started: float) -> JSONResponse:
         if isinstance(error, asyncio.TimeoutError):
@@ -672,19 +690,21 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             logger.error("request failed", exc_info=error)
             error = RequestError(500, f"internal error: {type(error).__name__}: {error}")
         state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status=str(error.status)).inc()
-        if "record" in holder:
+        if "record" in holder and not holder.get("logged"):
+            holder["logged"] = True
             record = holder["record"]
             record.status, record.latency_ms = error.status, (time.perf_counter() - started) * 1000.0
             state.log.append(record)  # type: ignore[union-attr]
         return error_response(error)
 
     async def succeeded(
-        generation: Generation, record: DecisionRecord, arm: Arm, endpoint: str, started: float
+        generation: Generation, record: DecisionRecord, arm: Arm, endpoint: str, started: float, log: bool = True
     ) -> dict[str, Any]:
-        """Log and count a served request; return the decision the response reports."""
+        """Count a served request (and log it, unless a stream logs it when it ends); return its decision."""
         elapsed = time.perf_counter() - started
         record.latency_ms = elapsed * 1000.0
-        await asyncio.to_thread(state.log.append, record, record.checkpoints)  # type: ignore[union-attr]
+        if log:
+            await asyncio.to_thread(state.log.append, record, record.checkpoints)  # type: ignore[union-attr]
         state.metrics.requests.labels(arm=arm.name, endpoint=endpoint, status="200").inc()
         state.metrics.latency.labels(arm=arm.name, endpoint=endpoint).observe(elapsed)
         state.metrics.tokens.labels(arm=arm.name, kind="reasoning").inc(generation.reasoning_tokens)
@@ -725,12 +745,21 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         generation: Generation,
         record: DecisionRecord,
         decision: dict[str, Any],
+        holder: dict[str, Any],
+        started: float,
     ) -> Response:
         headers = decision_headers(request_id, arm, record)
         events = _Events(parsed.endpoint, request_id, parsed.model or str(state.backend.name))
         if parsed.stream:
-            return StreamingResponse(
-                events.whole(generation, usage_of(generation), decision, parsed.include_usage),
+
+            async def whole() -> AsyncIterator[str]:
+                async for event in events.whole(generation, usage_of(generation), decision, parsed.include_usage):
+                    yield event
+                holder["completed"] = True
+
+            return _ClosingStreamingResponse(
+                whole(),
+                on_close=lambda: log_stream_end(holder, started),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -808,9 +837,10 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
                     yield events.chunk(piece, None)
             elif generation.text.startswith(sent) and len(generation.text) > len(sent):
                 yield events.chunk(generation.text[len(sent) :], None)
-            decision = await succeeded(generation, record, arm, parsed.endpoint, started)
+            decision = await succeeded(generation, record, arm, parsed.endpoint, started, log=False)
             async for event in events.ending(generation, usage_of(generation), decision, parsed.include_usage):
                 yield event
+            holder["completed"] = True
         finally:
             getter.cancel()
             if not task.done():
@@ -1080,6 +1110,28 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         return JSONResponse({"reloaded": True, "policies": policies})
 
     return app
+
+
+CLIENT_CLOSED = 499
+"""Status logged for a streamed request whose client left before the last event (nginx's convention)."""
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that calls ``on_close`` once it ends, however it ends.
+
+    A client that disconnects can stop the stream before its generator runs, or in the
+    middle; the decision is logged in ``on_close`` either way, exactly once.
+    """
+
+    def __init__(self, content: Any, on_close: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _fill(record: DecisionRecord, generation: Generation) -> None:
