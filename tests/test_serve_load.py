@@ -26,7 +26,11 @@ QUESTIONS = [item["question"] for item in generate_suite(SuiteConfig(n_queries=2
 
 
 async def _load(url: str, total: int, concurrency: int) -> list[tuple[int, dict | None, str]]:
-    """Send ``total`` requests, ``concurrency`` at a time; every 40th is malformed on purpose."""
+    """Send ``total`` requests, ``concurrency`` at a time.
+
+    Every 40th is malformed JSON and every 25th carries a value the LM would choke on
+    (a negative or huge seed, a model that is not a string): these must fail alone.
+    """
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -36,6 +40,11 @@ async def _load(url: str, total: int, concurrency: int) -> list[tuple[int, dict 
                 if i % 40 == 39:
                     response = await client.post("/v1/completions", content=b'{"prompt": ')
                     return response.status_code, None, "malformed"
+                if i % 25 == 12:
+                    poison = ({"seed": -1}, {"seed": 10**30}, {"model": 12345}, {"stop": ["\ud800"]})[i % 4]
+                    content = json.dumps({"prompt": "M 3 8 1 5?", **poison}).encode()  # ASCII, surrogates escaped
+                    response = await client.post("/v1/completions", content=content)
+                    return response.status_code, response.json(), "poisoned"
                 endpoint = "/v1/completions" if i % 2 else "/v1/chat/completions"
                 question = QUESTIONS[i % len(QUESTIONS)]
                 body = {"prompt": question} if i % 2 else {"messages": [{"role": "user", "content": question}]}
@@ -54,9 +63,13 @@ def test_load_2000_requests_at_concurrency_64(tmp_path, demo_policy):
         batched = backend.batched_requests / max(1, backend.batches)
     statuses = [status for status, _, _ in results]
     assert not [s for s in statuses if s >= 500]
-    assert statuses.count(400) == 50  # exactly the malformed ones
+    assert statuses.count(400) == 50 + 20  # the malformed ones and the lone surrogates
+    poisoned = [status for status, _, kind in results if kind == "poisoned"]
+    assert len(poisoned) == 80 and all(400 <= status < 500 for status in poisoned)
+    # No failure crossed from a poisoned request to another: every other request was served.
+    assert [status for status, _, kind in results if kind not in ("malformed", "poisoned")] == [200] * 1870
     served = [(body, endpoint) for status, body, endpoint in results if status == 200]
-    assert len(served) == 1950
+    assert len(served) == 1870
     for body, endpoint in served:
         assert body["object"] == ("text_completion" if endpoint == "/v1/completions" else "chat.completion")
         choice = body["choices"][0]
@@ -66,9 +79,9 @@ def test_load_2000_requests_at_concurrency_64(tmp_path, demo_policy):
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
         assert usage["completion_tokens"] == body["tokenopt"]["billed_tokens"]
     ids = {body["id"] for body, _ in served}
-    assert len(ids) == 1950
+    assert len(ids) == 1870
     rows = read_decisions(tmp_path / "decisions.sqlite")
-    assert set(rows.id) == ids and len(rows) == 1950  # no lost and no extra log rows
+    assert set(rows.id) == ids and len(rows) == 1870  # no lost and no extra log rows
     assert batched > 1.5  # concurrent requests were decoded together
 
 
@@ -80,6 +93,22 @@ JSON_VALUES = st.recursive(
 )
 KEYS = ["prompt", "messages", "max_tokens", "n", "temperature", "stream", "user", "seed", "stop", "tokenopt", "model"]
 BODIES = st.dictionaries(st.sampled_from(KEYS), JSON_VALUES, max_size=6) | JSON_VALUES
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+"""Any code point, lone surrogates included (JSON carries them as \\udXXX escapes)."""
+LM_BODIES = st.fixed_dictionaries(
+    {"prompt": ANY_TEXT | st.sampled_from(["M 3 8 1 5?", "C 3+4*2-5?", "V x1 x2?"])},
+    optional={
+        "seed": st.integers(-(2**70), 2**70),
+        "temperature": st.floats(-1, 3, allow_nan=False) | st.integers(-2, 5),
+        "n": st.integers(-2, 20),
+        "stop": st.lists(ANY_TEXT, max_size=5) | ANY_TEXT,
+        "max_tokens": st.integers(-3, 64),
+        "stream": st.booleans(),
+        "tokenopt": st.fixed_dictionaries({"bypass": st.booleans()}),
+        "top_p": st.sampled_from([1, 0.5]),
+    },
+)
+"""Bodies whose values reach the LM when they pass validation: seeds, temperatures, n, stops, unicode."""
 MESSAGES = st.lists(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", 3]), "content": JSON_VALUES}),
     max_size=3,
@@ -110,6 +139,15 @@ def test_fuzzed_bodies_never_get_a_5xx(fuzz_server, body, messages, chat):
     payload = response.json() if not (isinstance(body, dict) and body.get("stream") is True) else None
     if response.status_code != 200 and payload is not None:
         assert isinstance(payload["error"]["message"], str)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=LM_BODIES)
+def test_fuzzed_values_that_reach_the_lm_never_get_a_5xx(fuzz_server, body):
+    response = fuzz_server.post("/v1/completions", content=json.dumps(body).encode())
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert isinstance(response.json()["error"]["message"], str)
 
 
 def test_huge_max_tokens_on_bypass_is_a_4xx(fuzz_server):
