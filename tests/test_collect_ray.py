@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -110,21 +111,32 @@ class _WorkerKiller(threading.Thread):
         return len(list(self.shard_dir.glob("part-*.parquet")))
 
     def run(self) -> None:
-        from ray.util.state import list_actors
-
         while not self.stop.is_set():
             written = self._written()
-            if written > self.already and ray.is_initialized():
-                actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "MapWorker" in a.class_name]
-                if actors and written < self.total:
+            if written > self.already:
+                workers = _shard_worker_pids()
+                if workers and written < self.total:
                     self.pending_at_kill = self.total - written
-                    for actor in actors:
-                        os.kill(int(actor.pid), signal.SIGKILL)
-                        self.killed.append(int(actor.pid))
+                    for pid in workers:
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append(pid)
                     return
             if written >= self.total:
                 return
             time.sleep(0.05)
+
+
+def _shard_worker_pids() -> list[int]:
+    """Processes of the actor pool's workers, by the title Ray gives them (``ray::MapWorker(...)``)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and ("MapWorker" in title or "_ShardActor" in title):
+            pids.append(int(cmdline.parent.name))
+    return pids
 
 
 def test_resume_reuses_shards_and_workers_killed_mid_collection_have_their_shards_redone_once(
