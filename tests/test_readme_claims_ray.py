@@ -24,7 +24,7 @@ from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
 ray = pytest.importorskip("ray")
 
-from tokenopt.collect_ray import RayConfig, collect_ray  # noqa: E402
+from tokenopt.collect.ray import RayConfig, collect_ray  # noqa: E402
 
 CLUSTER_CPUS = 2
 SHARDS = 4

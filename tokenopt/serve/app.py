@@ -348,6 +348,8 @@ class ServerState:
     admitted: int = 0
     ready: bool = False
     semaphore: asyncio.Semaphore | None = None
+    load_error: str | None = None
+    """Why the model could not be loaded (when it was loaded in the background)."""
     started: int = field(default_factory=lambda: int(time.time()))
     """When the server started (Unix seconds): the ``created`` of ``/v1/models``."""
 
@@ -467,20 +469,36 @@ def _error_body(status: int, message: str, param: str | None = None) -> dict[str
     return {"error": {"message": message, "type": kinds.get(status, "server_error"), "param": param, "code": status}}
 
 
-def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
+def create_app(config: ServeConfig, backend: Any = None, load_in_background: bool = False) -> FastAPI:
     """Build the FastAPI app (uvicorn runs it; tests run it on loopback too).
+
+    The policies are loaded and validated here, so a broken one stops start-up.
 
     Args:
         config: the server's settings.
         backend: the generation backend; None builds it from the config (the local
             LM or the upstream).
+        load_in_background: build that backend (load the model) after the server has
+            started listening: ``/readyz`` answers 503 until it is loaded, and
+            completions 503 with the reason.
 
     Raises:
-        PolicyLoadError: a policy fails its hash or version check.
+        PolicyLoadError: a policy fails its hash, version or shape checks.
     """
-    state = ServerState(config=config, backend=backend or build_backend(config))
+    state = ServerState(config=config, backend=backend)
     state.arms = state.load_arms()
     state.log = DecisionLog(config.log, {name: arm.describe() for name, arm in state.arms.items()})
+    if state.backend is None and not load_in_background:
+        state.backend = build_backend(config)
+
+    async def load_backend() -> None:
+        try:
+            state.backend = await asyncio.to_thread(build_backend, config)
+        except Exception as error:  # reported by /readyz and every request; the process stays up to say so
+            state.load_error = f"{type(error).__name__}: {error}"
+            logger.error("loading the model failed: %s", state.load_error)
+            return
+        state.ready = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -494,10 +512,16 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, _reload_on_signal)  # main thread only
-        state.ready = True
+        loader = None
+        if state.backend is None:
+            loader = asyncio.ensure_future(load_backend())
+        else:
+            state.ready = True
         try:
             yield
         finally:
+            if loader is not None and not loader.done():
+                await asyncio.wait({loader})
             state.ready = False
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
                 loop.remove_signal_handler(signal.SIGHUP)
@@ -595,10 +619,17 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
         _check_text(body, "")
         return body
 
+    def not_ready() -> RequestError:
+        if state.load_error is not None:
+            return RequestError(503, f"the model could not be loaded: {state.load_error}")
+        return RequestError(503, "the server is still loading its model; retry shortly", headers={"Retry-After": "5"})
+
     async def completions(request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
         try:
             check_key(request)
+            if not state.ready:
+                raise not_ready()
             body = await read_json(request)
             bypass_header = request.headers.get("x-tokenopt-bypass", "").lower() in {"1", "true", "yes"}
             parsed = parse_request(body, endpoint, config, bypass_header)
@@ -1084,6 +1115,8 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
             check_key(request)
         except RequestError as error:
             return error_response(error)
+        if not state.ready:
+            return error_response(not_ready())
         model = {"id": str(state.backend.name), "object": "model", "created": state.started, "owned_by": "tokenopt"}
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -1095,7 +1128,9 @@ def create_app(config: ServeConfig, backend: Any = None) -> FastAPI:
     async def get_readyz() -> Response:
         policies = {name: arm.policy.policy_id for name, arm in state.arms.items()}
         status = 200 if state.ready else 503
-        return JSONResponse({"ready": state.ready, "policies": policies, "backend": str(state.backend.name)}, status)
+        backend = None if state.backend is None else str(state.backend.name)
+        body = {"ready": state.ready, "policies": policies, "backend": backend, "error": state.load_error}
+        return JSONResponse(body, status)
 
     @app.post("/admin/reload")
     async def post_reload(request: Request) -> Response:
