@@ -138,11 +138,13 @@ def test_explore_logs_each_rows_propensity_under_the_serving_rule(tmp_path, poli
     n_actions = len(runtime.actions)
     assert n_actions == 5
     served: dict[str, str] = {}
+    flagged: dict[str, bool] = {}
     with running_server(_config(tmp_path, policy, explore=explore, seed=1)) as (url, _):
         with httpx.Client(timeout=60) as client:
             for question in QUESTIONS[:60]:
                 body = client.post(f"{url}/v1/completions", json={"prompt": question}).json()
                 served[body["id"]] = body["tokenopt"]["action"]
+                flagged[body["id"]] = body["tokenopt"]["explored"]
     rows = read_decisions(tmp_path / "decisions.sqlite")
     assert sorted(rows.id) == sorted(served) and [served[i] for i in rows.id] == rows.action
     expected = [
@@ -153,6 +155,8 @@ def test_explore_logs_each_rows_propensity_under_the_serving_rule(tmp_path, poli
     explored = np.isclose(rows.propensity, explore / n_actions)
     kept = np.isclose(rows.propensity, 1.0 - explore + explore / n_actions)
     assert np.all(explored | kept)
+    # The response says which requests were served another action than the policy's own pick.
+    assert [flagged[i] for i in rows.id] == explored.tolist()
     # A non-greedy action comes with probability EPS (n-1)/n = 0.4: Binomial(60, 0.4) has mean 24,
     # sd 3.8; outside [8, 40] with probability < 1e-4. No exploration (0) or always (48) fail.
     assert 8 <= int(explored.sum()) <= 40

@@ -749,7 +749,9 @@ def create_app(config: ServeConfig, backend: Any = None, load_in_background: boo
             "budget": record.budget,
             "mode": record.mode,
             "bypass": record.bypass,
-            "explored": record.propensity < 1.0,
+            # Served an action other than the policy's own pick (every action, with --explore 1).
+            "explored": record.propensity < 1.0
+            and record.propensity <= config.explore / max(len(arm.policy.actions), 1) + 1e-12,
             "forced": generation.forced,
             "billed_tokens": generation.billed_tokens,
             "answer": generation.answer,
