@@ -82,7 +82,8 @@ def validation_callback(
         def _update_lambda(self, metrics: dict[str, float]) -> None:
             if config.em_floor is not None:
                 slack = config.em_floor - metrics["em_drop_points"]  # > 0: EM to spare
-                self.cost_weight = max(0.0, self.cost_weight * float(np.exp(config.dual_lr * slack)))
+                # Multiplicative steps: from lambda 0 they would stay at 0, so they start from a tiny price.
+                self.cost_weight = max(self.cost_weight, 1e-6) * float(np.exp(config.dual_lr * slack))
             elif config.token_target is not None:
                 excess = (metrics["tokens"] - config.token_target) / max(config.token_target, 1e-9)
                 self.cost_weight = max(1e-6, self.cost_weight * float(np.exp(10 * config.dual_lr * excess)))
