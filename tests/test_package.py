@@ -59,3 +59,22 @@ def test_ci_runs_the_readme_quick_start():
     ci_lines = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
     for command in commands:
         assert command in ci_lines, command
+
+
+def test_every_source_folder_is_a_listed_package():
+    # A folder left out of pyproject's package list installs without its modules outside editable mode.
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"tokenopt": root / "tokenopt", "tokenopt.envs": root / "envs", "tokenopt.agents": root / "agents"}
+    found = set()
+    for package, folder in folders.items():
+        for source in folder.rglob("*.py"):
+            relative = source.parent.relative_to(folder)
+            name = ".".join([package, *relative.parts])
+            assert (source.parent / "__init__.py").is_file(), f"{source.parent} has modules but no __init__.py"
+            found.add(name)
+    assert found <= listed, sorted(found - listed)

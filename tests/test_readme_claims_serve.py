@@ -86,13 +86,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`tokenopt serve` builds the app (demo LM and policies) before uvicorn binds, and uvicorn binds "
-    "only after the lifespan has set ready: while the policies load nothing listens (connection refused), "
-    "so /readyz never answers 503 over HTTP",
-)
-def test_readyz_answers_503_while_tokenopt_serve_loads_its_policies(tmp_path, policy):
+def test_readyz_answers_503_while_tokenopt_serve_loads_its_model(tmp_path, policy):
     port = _free_port()
     command = [sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(policy), "--port", str(port)]
     command += ["--log", str(tmp_path / "decisions.sqlite"), "--device", "cpu", "--threads", "1"]
@@ -113,7 +107,7 @@ def test_readyz_answers_503_while_tokenopt_serve_loads_its_policies(tmp_path, po
                 break
         assert 200 in answers, f"the server never became ready: {answers[-5:]}"
         assert ready["policies"] == {"A": BudgetPolicy.load(policy).policy_id}
-        assert 503 in answers[: answers.index(200)], "no 503 before the policies were loaded"
+        assert 503 in answers[: answers.index(200)], "no 503 before the model was loaded"
     finally:
         process.terminate()
         try:

@@ -28,6 +28,7 @@ __all__ = [
     "ModeOutcome",
     "PlainCompletion",
     "TransformersLM",
+    "model_source",
     "resolve_device",
     "resolve_dtype",
     "summarise",
@@ -162,6 +163,21 @@ class PlainCompletion:
     """``stop`` (EOS or a stop string) or ``length`` (``max_tokens`` reached)."""
 
 
+def model_source(model: str | Path | None) -> tuple[Path, bool]:
+    """Where a model is loaded from: (its folder, whether it is local); None is the embedded demo LM.
+
+    Raises:
+        FileNotFoundError: a folder that does not exist (a name that is not a hub id ``org/name``).
+    """
+    path = Path(model) if model is not None else DEMO_MODEL_DIR
+    local = path.exists()
+    if not local and (model is None or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1):
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} does not exist; give a folder written by save_pretrained or a hub id"
+        )
+    return path, local
+
+
 class TransformersLM:
     """A causal LM loaded with transformers, decoding with budget forcing.
 
@@ -186,12 +202,7 @@ class TransformersLM:
         self.prompt_format = prompt_format or PromptFormat()
         self.temperature = temperature
         self.name = str(model) if model is not None else "demo"
-        path = Path(model) if model is not None else DEMO_MODEL_DIR
-        local = path.exists()
-        if not local and (model is None or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1):
-            raise FileNotFoundError(
-                f"model folder {str(path)!r} does not exist; give a folder written by save_pretrained or a hub id"
-            )
+        path, local = model_source(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         source = str(path) if local else str(model)

@@ -1,0 +1,28 @@
+"""``tokenopt ab-report``: arms A and B of a decision log compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokenopt.cli.common import fail
+
+__all__ = ["ab_report_command"]
+
+
+def ab_report_command(
+    log: Annotated[Path, typer.Argument(help="Decision log the server writes with --log.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of Markdown.")] = False,
+    alpha: Annotated[float, typer.Option(help="Significance level of both two-sided tests, in (0, 1).")] = 0.05,
+) -> None:
+    """Compare arms A and B of a decision log: EM (z-test on feedback) and billed tokens (Welch's t-test)."""
+    from tokenopt.agents.evaluation.ab_test import ab_report, format_ab_report
+
+    try:
+        report = ab_report(log, alpha)
+    except (ValueError, FileNotFoundError) as error:
+        fail(error)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if json_output else format_ab_report(report))
