@@ -22,6 +22,7 @@ import yaml
 from tokenopt.agents.common.hyperparams import activation_name
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.probe import PROBE_INPUTS
+from tokenopt.prompt import PromptFormat
 from tokenopt.runtime import FORMAT_VERSION, POLICY_SPEC_FILE, POLICY_WEIGHTS_FILE
 from tokenopt.table import load_manifest
 from tokenopt.table.schema import write_atomic
@@ -80,6 +81,7 @@ def export_policy(
     member_normalization: list[tuple[np.ndarray, np.ndarray]] | None = None,
     obs_count: float | None = None,
     probe: dict[str, object] | None = None,
+    prompt_format: dict[str, object] | None = None,
 ) -> Path:
     """Write ``policy.json`` and ``policy.npz`` for one agent or an ensemble.
 
@@ -106,6 +108,8 @@ def export_policy(
         probe: a probe controller's settings (``mode``, ``checkpoints``,
             ``probe_token_price``), which its runtime session needs to build the
             environment's observation; None for other policies.
+        prompt_format: the prompt format the table was collected with
+            (:meth:`tokenopt.prompt.PromptFormat.to_dict`): servers use it by default.
 
     Returns:
         The policy folder.
@@ -163,6 +167,7 @@ def export_policy(
         "normalization": {"clip": clip, "epsilon": epsilon} | ({"count": obs_count} if obs_count is not None else {}),
         "members": member_specs,
         **({"probe": probe} if probe is not None else {}),
+        **({"prompt_format": prompt_format} if prompt_format is not None else {}),
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "metadata": metadata or {},
     }
@@ -223,7 +228,19 @@ def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
         "extra_inputs": _EXTRA_INPUTS.get(env, []),
         "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
         "probe": _probe_settings(run.manifest, run.config) if env == "probe" else None,
+        "prompt_format": _prompt_format(settings),
     }
+
+
+def _prompt_format(settings: dict[str, Any]) -> dict[str, object]:
+    """The prompt format the table was collected with, as the policy records it for servers."""
+    return PromptFormat(
+        template=str(settings.get("prompt_template", "{question}")),
+        answer_cue=str(settings.get("answer_cue", "=")),
+        answer_regex=settings.get("answer_regex"),
+        max_answer_tokens=int(settings.get("max_answer_tokens", 8)),
+        use_chat_template=bool(settings.get("use_chat_template", False)),
+    ).to_dict()
 
 
 def _probe_settings(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, object]:

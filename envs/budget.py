@@ -48,6 +48,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     - ``cost_weight``, ``token_price``, ``prompt_token_price``, ``cost_normalizer``: the cost model.
     - ``action_type``: ``discrete`` or ``multidiscrete``.
     - ``budgets``, ``modes``: when given, the table must have exactly this action set.
+    - ``render_mode``: accepted as ``gymnasium.make`` passes it; nothing is rendered.
 
     ## Version History
     - v0: initial version.
@@ -67,7 +68,9 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         budgets: list[int] | None = None,
         modes: list[str] | None = None,
         source: OutcomeSource | None = None,
+        render_mode: str | None = None,
     ) -> None:
+        self.render_mode = render_mode  # nothing to render; accepted as gymnasium.make passes it
         if (table is None) == (source is None):
             raise ValueError("give exactly one of table (an outcome-table folder) or source")
         self.source: OutcomeSource = source if source is not None else TableSource(table, split, budgets, modes)

@@ -91,6 +91,7 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
       weight of a probe's tokens relative to generated tokens.
     - ``escalate_mode``: a mode of the table, other than ``mode``, with a budget at
       every checkpoint, to escalate to (action 2); None (default): no escalation.
+    - ``render_mode``: accepted as ``gymnasium.make`` passes it; nothing is rendered.
 
     ## Version History
     - v0: initial version; ``escalate_mode`` added later (optional, off by default,
@@ -109,7 +110,9 @@ class TokenBudgetProbeEnv(gym.Env[np.ndarray, np.int64]):
         probe_token_price: float = DEFAULT_PROBE_TOKEN_PRICE,
         replay: ReplayTable | None = None,
         escalate_mode: str | None = None,
+        render_mode: str | None = None,
     ) -> None:
+        self.render_mode = render_mode  # nothing to render; accepted as gymnasium.make passes it
         if (table is None) == (replay is None):
             raise ValueError("give exactly one of table (a folder) or replay (a loaded ReplayTable)")
         if split not in SPLITS:

@@ -47,6 +47,7 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
       ``budget_fraction`` times the tokens of the most expensive greedy action
       summed over the stream (the mean over the split).
     - ``budget_fraction``: see above (default 0.5).
+    - ``render_mode``: accepted as ``gymnasium.make`` passes it; nothing is rendered.
 
     ## Version History
     - v0: initial version.
@@ -62,7 +63,9 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
         total_budget: float | None = None,
         budget_fraction: float = 0.5,
         source: OutcomeSource | None = None,
+        render_mode: str | None = None,
     ) -> None:
+        self.render_mode = render_mode  # nothing to render; accepted as gymnasium.make passes it
         if (table is None) == (source is None):
             raise ValueError("give exactly one of table (an outcome-table folder) or source")
         if stream_length < 1:

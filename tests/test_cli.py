@@ -75,8 +75,9 @@ FLAGS_BEFORE_THE_SPLIT: dict[str, dict[str, Any]] = {
         "--insecure/--no-insecure": False, "--policy-b": None, "--split": 0.5, "--log": "runs/serve/decisions.sqlite",
         "--log-prompts/--no-log-prompts": False, "--explore": 0.0, "--max-concurrency": 64, "--max-queue": 256,
         "--timeout": 60.0, "--max-prompt-chars": 32000, "--max-batch": 32, "--device": "auto", "--dtype": "auto",
-        "--prompt-template": "{question}", "--answer-cue": "=", "--answer-regex": None, "--max-answer-tokens": 8,
-        "--chat-template/--no-chat-template": False, "--threads": 0,
+        # Unset prompt flags take the format the policy records (tokenopt.serve.app.resolve_prompt_format).
+        "--prompt-template": None, "--answer-cue": None, "--answer-regex": None, "--max-answer-tokens": None,
+        "--chat-template/--no-chat-template": None, "--threads": 0,
     },
     "demo-lm build": {"--out": REQUIRED, "--steps": 2000, "--seed": 0, "--threads": 2, "--check/--no-check": True},
     "demo-lm check": {"--model": None, "--work-dir": "runs/demo-check"},
@@ -195,7 +196,7 @@ def test_serve_flags_reach_the_serve_config(monkeypatch, tmp_path):
 
     seen = {}
 
-    def create_app(config):
+    def create_app(config, **options):
         seen["config"] = config
         raise ValueError("stop before binding")
 

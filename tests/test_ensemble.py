@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from measures import policy_metrics
 from typer.testing import CliRunner
 
 from tokenopt.agents.export import export_ensemble, export_run
@@ -44,7 +45,7 @@ def _fresh_model(demo_table, *, algo_class=None, seed=11, **ppo_kwargs):
     from tokenopt.envs import TableSource, TokenBudgetEnv
 
     matrix = OutcomeMatrix.from_table(demo_table)
-    vec_env = make_vec_env(TokenBudgetEnv, n_envs=2, seed=seed, env_kwargs={"backend": TableSource(matrix, "train")})
+    vec_env = make_vec_env(TokenBudgetEnv, n_envs=2, seed=seed, env_kwargs={"source": TableSource(matrix, "train")})
     vec_env = VecNormalize(vec_env, norm_reward=False, clip_obs=10.0)
     policy_kwargs = {"net_arch": {"pi": [64, 64], "vf": [64, 64]}, "activation_fn": torch.nn.Tanh}
     kwargs = {"n_steps": 64, "batch_size": 64, "n_epochs": 2, "gamma": 0.0} | ppo_kwargs
@@ -56,7 +57,7 @@ def _action_names(demo_table):
     return [action["name"] for action in load_manifest(demo_table)["actions"]]
 
 
-def test_cli_trains_the_seeds_and_reports_the_ensemble(seed_runs):
+def test_cli_trains_the_seeds_and_reports_the_ensemble(seed_runs, demo_table):
     out, result = seed_runs
     assert result.exit_code == 0, result.output
     for seed in (3, 4):
@@ -66,9 +67,16 @@ def test_cli_trains_the_seeds_and_reports_the_ensemble(seed_runs):
     report = json.loads((out / "ensemble.json").read_text())
     assert [single["policy"] for single in report["singles"]] == ["seed 3", "seed 4"]
     assert report["split"] == "test" and report["queries"] > 0
-    for entry in [*report["singles"], report["ensemble"], report["mean_single"]]:
-        assert {"em", "tokens", "reward", "gap_recovered"} <= set(entry)
-        assert 0.0 <= entry["em"] <= 1.0
+    assert report["queries"] == int((OutcomeMatrix.from_table(demo_table).splits == "test").sum())
+    # Every entry is that policy's test figures, recomputed here from the table's columns.
+    policies = [out / "seed-3" / "policy", out / "seed-4" / "policy", out / "policy"]
+    for entry, policy in zip([*report["singles"], report["ensemble"]], policies, strict=True):
+        expected = policy_metrics(policy, demo_table, "test", report["cost_weight"])
+        assert {key: entry[key] for key in expected} == pytest.approx(expected, abs=1e-9), entry["policy"]
+    for key in ("em", "tokens", "reward", "gap_recovered"):
+        mean = np.mean([single[key] for single in report["singles"]])
+        assert report["mean_single"][key] == pytest.approx(mean, abs=1e-12), key
+    assert report["best_single"] == max(report["singles"], key=lambda single: single["reward"])["policy"]
     assert "| ensemble |" in result.output and "| seed 4 |" in result.output
 
 
@@ -219,6 +227,24 @@ def test_train_init_from_records_the_source_and_exports(seed_runs, demo_table, t
     config = yaml.safe_load((run / "config.yml").read_text())
     assert config["init_from"] == str(out / "seed-3" / "policy") and config["init_lr_scale"] == 0.5
     export_run(run)
-    assert BudgetPolicy.load(run / "policy").decide("M 1 9 3?").action.startswith("b")
+    # The exported policy is the warm-started run's best model: its actor's weights, its normalisation, its
+    # decisions (a warm start trains with two optimizer groups; its checkpoint loads with plain PPO).
+    from stable_baselines3 import PPO
+
+    model = PPO.load(run / "checkpoints" / "best_model.zip", device="cpu")
+    normalizer = pickle.loads((run / "checkpoints" / "vecnormalize.pkl").read_bytes())
+    exported = BudgetPolicy.load(run / "policy")
+    linears = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
+    for module, (weight, bias, _) in zip([*linears, model.policy.action_net], exported.members[0], strict=True):
+        np.testing.assert_array_equal(weight.T.astype(np.float32), module.weight.detach().numpy())
+        np.testing.assert_array_equal(bias.astype(np.float32), module.bias.detach().numpy())
+    np.testing.assert_array_equal(exported.obs_mean, normalizer.obs_rms.mean)
+    np.testing.assert_array_equal(exported.obs_var, normalizer.obs_rms.var)
+    matrix = OutcomeMatrix.from_table(demo_table)
+    rng = np.random.default_rng(0)
+    observations = matrix.features[rng.integers(len(matrix.ids), size=1000)]
+    observations = observations + rng.normal(0, 0.5, observations.shape).astype(np.float32)
+    expected, _ = model.predict(normalizer.normalize_obs(observations), deterministic=True)
+    np.testing.assert_array_equal(exported.probabilities(observations).argmax(axis=1), expected)
     with pytest.raises(ValueError, match="init_lr_scale must be > 0, got 0.0"):
         train(TrainConfig(table=str(demo_table), out=str(tmp_path / "bad"), init_from=str(run), init_lr_scale=0.0))

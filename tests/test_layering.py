@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"tokenopt": ROOT / "tokenopt", "tokenopt.envs": ROOT / "envs", "tokenopt.agents": ROOT / "agents"}
 
-NUMPY_ONLY = ("tokenopt.runtime", "tokenopt.features", "tokenopt.probe", "tokenopt.scoring")
+NUMPY_ONLY = ("tokenopt.runtime", "tokenopt.features", "tokenopt.probe", "tokenopt.scoring", "tokenopt.prompt")
 """What a server loads to decide: numpy and the standard library (and each other) only."""
 
 
@@ -106,7 +106,9 @@ def violations(packages: dict[str, Path]) -> list[str]:
                     if _is_under(name, rule.source) and any(_is_under(imported, f) for f in rule.forbidden):
                         found.append((line, rule.why, where))
                 if any(_is_under(name, module) for module in NUMPY_ONLY) and not _stdlib_or_allowed(imported):
-                    found.append((line, "runtime, features, probe and scoring import numpy and the stdlib only", where))
+                    found.append(
+                        (line, "runtime, features, probe, scoring and prompt import numpy and the stdlib only", where)
+                    )
     # One report per (file line, rule): the first module named there.
     first: dict[tuple[str, int, str], str] = {}
     for line, why, where in found:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from measures import policy_columns, questions_of, table_metrics
 from typer.testing import CliRunner
 
 from tokenopt.agents.common.hyperparams import ENV_IDS, check_keys, load_config
@@ -17,6 +18,7 @@ from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.agents.ppo.tune import GRID, objective_value, trials_to_run
 from tokenopt.cli import app
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
+from tokenopt.table import OutcomeMatrix
 
 runner = CliRunner(env={"COLUMNS": "2000"})  # rich wraps error messages at the console width
 TINY = ["--timesteps", "4096", "--eval-freq", "2048"]
@@ -152,21 +154,32 @@ def test_cv_reports_two_folds_with_disjoint_train_and_test(demo_table, tmp_path)
     out = tmp_path / "cv"
     result = runner.invoke(app, ["cv", "--table", str(demo_table), "--folds", "2", "--out", str(out), *TINY])
     assert result.exit_code == 0, result.output
-    assert "| mean ± std |" in _output(result)
     data = json.loads((out / "cv.json").read_text())
     assert len(data["folds"]) == 2
     assert set(data["summary"]) == {"em", "tokens", "reward", "gap_recovered"}
-    test_sets = []
+    matrix, questions = OutcomeMatrix.from_table(demo_table), questions_of(demo_table)
+    row_of = {query_id: i for i, query_id in enumerate(matrix.ids)}
+    test_sets, recomputed = [], []
     for fold in (1, 2):
         splits = json.loads((out / f"fold-{fold}" / "splits.json").read_text())
         train_ids, val_ids, test_ids = (set(splits[name]) for name in ("train", "val", "test"))
         assert not train_ids & test_ids and not val_ids & test_ids and not train_ids & val_ids
         test_sets.append(test_ids)
-        assert (out / f"fold-{fold}" / "policy" / "policy.json").is_file()
+        # The fold's test figures, recomputed from its exported policy on its own test queries.
+        queries = matrix.take(np.array(sorted(row_of[query_id] for query_id in test_ids)))
+        policy = BudgetPolicy.load(out / f"fold-{fold}" / "policy")
+        recomputed.append(table_metrics(queries, policy_columns(policy, queries, questions), data["cost_weight"]))
     assert not test_sets[0] & test_sets[1]
-    for fold in data["folds"]:
-        assert 0.0 <= fold["test_metrics"]["em"] <= 1.0
+    for fold, expected in zip(data["folds"], recomputed, strict=True):
         assert fold["test_queries"] == len(test_sets[fold["fold"] - 1])
+        assert {key: fold["test_metrics"][key] for key in expected} == pytest.approx(expected, abs=1e-9)
+    # mean ± std over the folds (sample std), from the recomputed figures; the table prints them.
+    for metric in ("em", "tokens", "reward", "gap_recovered"):
+        values = [expected[metric] for expected in recomputed]
+        summary = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
+        assert data["summary"][metric] == pytest.approx(summary, abs=1e-9), metric
+    em = data["summary"]["em"]
+    assert f"| mean ± std | | | | {em['mean']:.3f} ± {em['std']:.3f} |" in _output(result)
 
 
 def test_cv_refuses_bad_fold_counts(demo_table, tmp_path):

@@ -305,19 +305,42 @@ def test_bypass_samples_n_choices_and_the_proxy_votes_over_them(tmp_path, server
     greedy_n = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 0}, headers={"X-Tokenopt-Bypass": "1"})
     assert greedy_n.status_code == 422
     # A proxy in front of this server serves sc<k> with n = k and votes on the forced answers.
+    import asyncio
+
+    from tokenopt.scoring import majority_vote
     from tokenopt.serve.backends import UpstreamBackend
 
-    async def sc3() -> object:
+    async def sc3(question: str) -> object:
         backend = UpstreamBackend(url, model="demo")
         try:
-            return await backend.generate(QUESTIONS[6], 8, "sc3", seed=4)
+            return await backend.generate(question, 8, "sc3", seed=4)
         finally:
             await backend.aclose()
 
-    import asyncio
-
-    generation = asyncio.run(sc3())
-    assert generation.mode == "sc3" and generation.billed_tokens > 0 and isinstance(generation.answer, str)
+    # QUESTIONS[3] (vote family): the three samples answer by themselves, two of them alike but not the first;
+    # QUESTIONS[6]: every sample runs out of budget and is forced.
+    for question, forcings in ((QUESTIONS[3], 0), (QUESTIONS[6], 3)):
+        generation = asyncio.run(sc3(question))
+        # What the proxy should have done, with the demo LM: 3 samples of at most 8 tokens (seed 4); a sample
+        # that wrote the cue and finished its answer (a newline, or the LM stopped) is read as is, any other is
+        # forced: prompt + reasoning + cue, greedy, at most 8 answer tokens, up to a newline.
+        samples = demo_lm.generate_plain(demo_lm.tokenizer(question)["input_ids"], 8, n=3, temperature=1.0, seed=4)
+        answers, billed, forced = [], sum(len(sample.token_ids) for sample in samples), 0
+        for sample in samples:
+            reasoning, cue, after = sample.text.partition("=")
+            if cue and ("\n" in after or sample.finish_reason == "stop"):
+                answers.append(after.split("\n")[0].strip())
+                continue
+            prompt = demo_lm.tokenizer(question + reasoning + "=")["input_ids"]
+            answer = demo_lm.generate_plain(prompt, 8, stop=["\n"])[0]
+            answers.append(answer.text.strip())
+            billed += len(answer.token_ids)
+            forced += 1
+        assert forced == forcings and len(set(answers)) == (2 if forcings == 0 else 1), answers
+        # The vote is tokenopt's majority vote over the three answers; the bill is every sequence's tokens.
+        assert generation.answer == answers[majority_vote(answers)]
+        assert generation.billed_tokens == billed
+        assert generation.mode == "sc3" and generation.forced == (forced > 0)
 
 
 def test_greedy_streams_live_and_errors_before_the_first_token_keep_their_status(server, demo_policy):

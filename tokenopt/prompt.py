@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from tokenopt.scoring import extract_answer
 
@@ -37,6 +38,58 @@ class PromptFormat:
                 re.compile(self.answer_regex)
             except re.error as error:
                 raise ValueError(f"answer regex {self.answer_regex!r} does not compile: {error}") from None
+
+    def question_of(self, text: str) -> str:
+        """The question inside a prompt a client wrote with this template (the text itself otherwise).
+
+        Collection computes features from the bare question; a server given the
+        templated prompt reads the question back out, so its features match.
+        """
+        prefix, suffix = self.template.split("{question}", 1)
+        if (prefix or suffix) and text.startswith(prefix) and text.endswith(suffix):
+            if len(text) >= len(prefix) + len(suffix):
+                return text[len(prefix) : len(text) - len(suffix)]
+        return text
+
+    def to_dict(self) -> dict[str, object]:
+        """The format as policy.json records it (with which text the features read)."""
+        return {
+            "template": self.template,
+            "answer_cue": self.answer_cue,
+            "answer_regex": self.answer_regex,
+            "max_answer_tokens": self.max_answer_tokens,
+            "use_chat_template": self.use_chat_template,
+            "features_read": "question",
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> PromptFormat:
+        """Read :meth:`to_dict`'s record back.
+
+        Raises:
+            ValueError: a field is missing or of the wrong type (named).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"prompt_format must be an object; got {type(data).__name__}")
+        kinds: dict[str, Any] = {
+            "template": str,
+            "answer_cue": str,
+            "answer_regex": (str, type(None)),
+            "max_answer_tokens": int,
+            "use_chat_template": bool,
+        }
+        for name, kind in kinds.items():
+            if name not in data or not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool)):
+                raise ValueError(f"prompt_format.{name} is missing or of the wrong type: {data.get(name)!r}")
+        if data.get("features_read", "question") != "question":
+            raise ValueError(f"prompt_format.features_read {data.get('features_read')!r} is not 'question'")
+        return cls(
+            template=data["template"],
+            answer_cue=data["answer_cue"],
+            answer_regex=data["answer_regex"],
+            max_answer_tokens=data["max_answer_tokens"],
+            use_chat_template=data["use_chat_template"],
+        )
 
     def prompt_text(self, question: str) -> str:
         """The prompt's text for a question (before any chat template)."""

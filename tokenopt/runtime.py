@@ -40,6 +40,7 @@ from tokenopt.probe import (
     probe_inputs,
     probe_observation,
 )
+from tokenopt.prompt import PromptFormat
 from tokenopt.scoring import normalize_answer
 
 __all__ = [
@@ -234,6 +235,13 @@ class BudgetPolicy:
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
         self._check_network(expected)
+        self.prompt_format: PromptFormat | None = None
+        """The prompt format the policy's table was collected with; None in exports that predate it."""
+        if "prompt_format" in spec:
+            try:
+                self.prompt_format = PromptFormat.from_dict(spec["prompt_format"])
+            except ValueError as error:
+                raise PolicyLoadError(str(error)) from None
         self.probe: ProbeSettings | None = None
         """The probe settings of a probe controller; None for a policy that picks (budget, mode)."""
         if spec.get("env_id") == PROBE_ENV_ID:

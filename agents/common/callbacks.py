@@ -12,7 +12,11 @@ from tokenopt.agents.common.run_dir import RunDir
 if TYPE_CHECKING:
     from tokenopt.agents.ppo.train import TrainConfig
 
-__all__ = ["Predictor", "Validator", "validation_callback"]
+__all__ = ["MAX_COST_WEIGHT", "Predictor", "Validator", "validation_callback"]
+
+MAX_COST_WEIGHT = 1e3
+"""Bound of the dual ascent on lambda: past it a token costs more than a thousand exact matches, and a
+large step size would otherwise overflow (seen with dual_lr 0.2)."""
 
 
 class Predictor:
@@ -84,9 +88,11 @@ def validation_callback(
                 slack = config.em_floor - metrics["em_drop_points"]  # > 0: EM to spare
                 # Multiplicative steps: from lambda 0 they would stay at 0, so they start from a tiny price.
                 self.cost_weight = max(self.cost_weight, 1e-6) * float(np.exp(config.dual_lr * slack))
+                self.cost_weight = min(self.cost_weight, MAX_COST_WEIGHT)
             elif config.token_target is not None:
                 excess = (metrics["tokens"] - config.token_target) / max(config.token_target, 1e-9)
                 self.cost_weight = max(1e-6, self.cost_weight * float(np.exp(10 * config.dual_lr * excess)))
+                self.cost_weight = min(self.cost_weight, MAX_COST_WEIGHT)
             else:
                 return
             vec_env.env_method("set_cost_weight", self.cost_weight)

@@ -177,6 +177,8 @@ def train(
         TokenBudgetProbeEnv(**env_kwargs)  # a bad escalate_mode fails here, with the environment's message
     total = int(config.total_timesteps or settings.n_timesteps)
     # Built through the registered id (gymnasium.make), as a user's own script would.
+    # render_mode None: the environments do not render (SB3 asks gymnasium.make for rgb_array otherwise).
+    env_kwargs["render_mode"] = None
     vec_env = make_vec_env(env_id, n_envs=settings.n_envs, seed=config.seed, env_kwargs=env_kwargs)
     vec_env = VecNormalize(vec_env, norm_obs=settings.normalize, norm_reward=False, clip_obs=10.0)
     if config.algo == "maskable_ppo":

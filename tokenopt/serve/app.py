@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -36,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenopt.decisions import DecisionLog, DecisionRecord
+from tokenopt.prompt import PromptFormat
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
 from tokenopt.serve.backends import BackendError, Generation, UpstreamError
 from tokenopt.serve.metrics import ServeMetrics
@@ -101,22 +103,39 @@ class ServeConfig:
     """Device of the local LM: auto, cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
     """Dtype of the local LM: auto, float32, float16 or bfloat16."""
-    prompt_template: str = "{question}"
-    """Prompt template of the local LM, with a {question} placeholder."""
-    answer_cue: str = "="
-    """The cue appended when the budget runs out (budget forcing)."""
+    prompt_template: str | None = None
+    """Prompt template with a {question} placeholder; default: the one the policy's table was collected with."""
+    answer_cue: str | None = None
+    """The cue appended when the budget runs out (budget forcing); default: the policy's."""
     answer_regex: str | None = None
-    """Regex reading the answer after the cue."""
-    max_answer_tokens: int = 8
-    """Most tokens an answer may have."""
-    chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template."""
+    """Regex reading the answer after the cue; default: the policy's."""
+    max_answer_tokens: int | None = None
+    """Most tokens an answer may have; default: the policy's."""
+    chat_template: bool | None = None
+    """Wrap prompts with the tokenizer's chat template; default: as the policy's table was collected."""
+    force_prompt_format: bool = False
+    """Serve the prompt flags given even where they differ from the format the policy records."""
     temperature: float = 1.0
     """Sampling temperature of ``sc<k>``."""
     threads: int | None = None
     """torch CPU threads while serving; None leaves torch's setting. On a small CPU
     machine, fewer threads than cores leave room for the event loop: torch's
     spinning worker threads otherwise fight it for the cores."""
+
+    def prompt_format(self) -> PromptFormat:
+        """The prompt format these settings give (a field left None takes the plain format's default).
+
+        Raises:
+            ValueError: a template without ``{question}``, an empty cue or a regex that does not compile.
+        """
+        plain = PromptFormat()
+        return PromptFormat(
+            template=plain.template if self.prompt_template is None else self.prompt_template,
+            answer_cue=plain.answer_cue if self.answer_cue is None else self.answer_cue,
+            answer_regex=self.answer_regex,
+            max_answer_tokens=plain.max_answer_tokens if self.max_answer_tokens is None else self.max_answer_tokens,
+            use_chat_template=bool(self.chat_template),
+        )
 
     def __post_init__(self) -> None:
         checks = [
@@ -251,7 +270,9 @@ def parse_request(body: Any, endpoint: str, config: ServeConfig, bypass_header: 
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise RequestError(422, "`prompt` must be a string (or a list of one string)", "prompt")
-        question = raw = prompt
+        # Features read the bare question, as at collection, whether the client templated it or not.
+        question = config.prompt_format().question_of(prompt)
+        raw = prompt
     else:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -372,9 +393,11 @@ class ServerState:
         """Swap in freshly loaded policies; requests in flight finish with the old ones."""
         try:
             arms = self.load_arms()
-        except PolicyLoadError:
+            # The served prompt format stays: a policy collected with another one is refused.
+            resolve_prompt_format(self.config, [arm.policy for arm in arms.values()])
+        except ValueError as error:  # PolicyLoadError included
             self.metrics.reloads.labels(result="failed").inc()
-            raise
+            raise error if isinstance(error, PolicyLoadError) else PolicyLoadError(str(error)) from None
         self.arms = arms
         if self.log is not None:
             for arm in arms.values():
@@ -462,6 +485,48 @@ def _check_text(value: Any, where: str) -> None:
             _check_text(item, where)
 
 
+_PROMPT_FLAGS = {
+    "prompt_template": ("template", "--prompt-template"),
+    "answer_cue": ("answer_cue", "--answer-cue"),
+    "answer_regex": ("answer_regex", "--answer-regex"),
+    "max_answer_tokens": ("max_answer_tokens", "--max-answer-tokens"),
+    "chat_template": ("use_chat_template", "--chat-template"),
+}
+"""ServeConfig's prompt fields: the PromptFormat attribute each sets, and its flag."""
+
+
+def resolve_prompt_format(config: ServeConfig, policies: list[BudgetPolicy]) -> ServeConfig:
+    """The config with every prompt field set: from the flags, else from the format the policies record.
+
+    A policy records the prompt format its table was collected with; serving another
+    one would give the policy prompts it never saw. A flag that differs from the
+    recorded format is refused unless ``force_prompt_format``.
+
+    Raises:
+        ValueError: a flag conflicts with the recorded format, or the two arms record different formats.
+    """
+    recorded = [policy.prompt_format for policy in policies if policy.prompt_format is not None]
+    if len(recorded) == 2 and recorded[0] != recorded[1] and not config.force_prompt_format:
+        raise ValueError(
+            f"the two policies were collected with different prompt formats ({recorded[0]} vs {recorded[1]}); "
+            "one server serves one format: give --force-prompt-format to serve the flags' format to both"
+        )
+    base = recorded[0] if recorded else PromptFormat()
+    values: dict[str, Any] = {}
+    for name, (attribute, flag) in _PROMPT_FLAGS.items():
+        given, policy_value = getattr(config, name), getattr(base, attribute)
+        if given is None:
+            values[name] = policy_value
+            continue
+        if recorded and given != policy_value and not config.force_prompt_format:
+            raise ValueError(
+                f"{flag} {given!r} differs from the prompt format the policy was trained with ({policy_value!r}); "
+                "drop the flag to serve the policy's, or give --force-prompt-format to serve it anyway"
+            )
+        values[name] = given
+    return dataclasses.replace(config, **values)
+
+
 def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
     kinds.update({405: "invalid_request_error"})
@@ -487,6 +552,7 @@ def create_app(config: ServeConfig, backend: Any = None, load_in_background: boo
     """
     state = ServerState(config=config, backend=backend)
     state.arms = state.load_arms()
+    config = state.config = resolve_prompt_format(config, [arm.policy for arm in state.arms.values()])
     state.log = DecisionLog(config.log, {name: arm.describe() for name, arm in state.arms.items()})
     if state.backend is None and not load_in_background:
         state.backend = build_backend(config)
@@ -1244,33 +1310,22 @@ def build_backend(config: ServeConfig) -> Any:
     """The backend a config asks for: the upstream, a local LM folder, or the demo LM."""
     from tokenopt.serve.backends import LocalBackend, UpstreamBackend
 
+    prompt_format = config.prompt_format()
     if config.upstream:
-        from tokenopt.prompt import PromptFormat
-
-        prompt_format = PromptFormat(answer_cue=config.answer_cue, answer_regex=config.answer_regex)
         extractor = prompt_format.extract_answer if prompt_format.answer_regex else None
-
         return UpstreamBackend(
             config.upstream,
             model=config.upstream_model,
-            answer_cue=config.answer_cue,
-            max_answer_tokens=config.max_answer_tokens,
+            answer_cue=prompt_format.answer_cue,
+            max_answer_tokens=prompt_format.max_answer_tokens,
             answer_extractor=extractor,
             api_key=config.upstream_api_key,
             timeout=config.timeout,
             temperature=config.temperature,
-            prompt_template=config.prompt_template,
+            prompt_template=prompt_format.template,
         )
     from tokenopt.lm.local import TransformersLM
-    from tokenopt.prompt import PromptFormat
 
-    prompt_format = PromptFormat(
-        template=config.prompt_template,
-        answer_cue=config.answer_cue,
-        answer_regex=config.answer_regex,
-        max_answer_tokens=config.max_answer_tokens,
-        use_chat_template=config.chat_template,
-    )
     lm = TransformersLM(
         config.model,
         device=config.device,
