@@ -28,6 +28,9 @@ sends k seeded samples (one request each, since llama.cpp's server and tokenopt'
 bypass take ``n=1`` only) with the same billing and vote, but the server's sampler
 draws other tokens than the local one; ``beam<k>`` has no portable OpenAI parameter
 and is refused.
+
+Requests go through :class:`tokenopt.lm.openai_client.OpenAIClient` (the proxy's
+client too), with collection's retry settings: 5 retries from 0.5 s.
 """
 
 from __future__ import annotations
@@ -41,15 +44,17 @@ from typing import Any
 
 from tokenopt.actions import Mode
 from tokenopt.lm.local import ModeOutcome, summarise
+from tokenopt.lm.openai_client import OpenAIClient, RequestStats, UpstreamError, read_usage
 from tokenopt.prompt import PromptFormat
 
-__all__ = ["UpstreamError", "UpstreamLM", "UpstreamPrompt", "UpstreamStats"]
+__all__ = ["UpstreamError", "UpstreamLM", "UpstreamPrompt"]
 
 logger = logging.getLogger(__name__)
 
-
-class UpstreamError(RuntimeError):
-    """The upstream server is unreachable or answered something collection cannot use."""
+COLLECTION_RETRIES = 5
+"""Retries of a collection request: a run of hours rides out an upstream restart."""
+COLLECTION_BACKOFF_S = 0.5
+"""The first retry's wait; each next one waits twice as long (15.5 s in all over 5 retries)."""
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,6 @@ class UpstreamPrompt:
 
     def __len__(self) -> int:
         return self.tokens
-
-
-@dataclass
-class UpstreamStats:
-    """Work counters: requests sent and tokens the server processed (prompt + completion)."""
-
-    forward_tokens: int = 0
-    """Prompt and completion tokens of every request (before any prefix caching)."""
-    requests: int = 0
-    """Requests answered."""
-    retries: int = 0
-    """Requests retried after a connection error, 429 or 5xx."""
 
 
 @dataclass
@@ -96,14 +89,6 @@ class _Sequence:
     done_ms: float = field(default=0.0, compare=False)
 
 
-def _httpx() -> Any:
-    try:
-        import httpx
-    except ImportError:
-        raise ImportError("--upstream needs httpx: pip install 'tokenopt[serve]'") from None
-    return httpx
-
-
 def _sample_seed(query_seed: int, sample: int) -> int:
     digest = hashlib.blake2b(f"{query_seed}:{sample}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % (2**31)
@@ -123,7 +108,8 @@ class UpstreamLM:
         temperature: sampling temperature of ``sc<k>``.
         api_key: bearer token of the server.
         concurrency: most requests in flight at once.
-        retries: retries of a request after a connection error, a 429 or a 5xx.
+        retries: retries of a request after a connection error, a timeout, a 429 or
+            a 5xx (:class:`tokenopt.lm.openai_client.OpenAIClient`'s policy).
         backoff_s: the first retry's wait; each next one waits twice as long.
         timeout_s: seconds per request.
         modes: the modes to be collected, checked here so that a beam mode is refused
@@ -144,8 +130,8 @@ class UpstreamLM:
         temperature: float = 1.0,
         api_key: str | None = None,
         concurrency: int = 16,
-        retries: int = 5,
-        backoff_s: float = 0.5,
+        retries: int = COLLECTION_RETRIES,
+        backoff_s: float = COLLECTION_BACKOFF_S,
         timeout_s: float = 120.0,
         modes: list[Mode] | None = None,
     ) -> None:
@@ -159,23 +145,16 @@ class UpstreamLM:
             raise ValueError(f"temperature must be > 0; got {temperature}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
-        if retries < 0 or backoff_s < 0:
-            raise ValueError(f"retries and backoff must be >= 0; got {retries} and {backoff_s}")
         for mode in modes or []:
             self.check_mode(mode)
-        base = url.rstrip("/")
-        self.url = base if base.endswith("/v1") else f"{base}/v1"
+        self.client = OpenAIClient(
+            url, api_key, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, max_connections=concurrency
+        )
+        self.url = self.client.url
         self.temperature = temperature
         self.concurrency = concurrency
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.timeout_s = timeout_s
-        self.headers = {"X-Tokenopt-Bypass": "1"}  # a tokenopt server upstream serves plain completions
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-        self.stats = UpstreamStats()
         self.max_context: int | None = None
-        listed = self._list_models()
+        listed = self.client.list_models()
         if model is None:
             if not listed:
                 raise ValueError(f"{self.url}/models lists no model; name one with --upstream-model")
@@ -184,6 +163,11 @@ class UpstreamLM:
             if entry.get("id") == model and isinstance(entry.get("max_model_len"), int):
                 self.max_context = int(entry["max_model_len"])  # vLLM reports its context here
         self.name = model
+
+    @property
+    def stats(self) -> RequestStats:
+        """Requests, retries and the tokens the server processed (``forward_tokens``)."""
+        return self.client.stats
 
     def describe(self) -> dict[str, object]:
         """The manifest's ``backend`` entry."""
@@ -202,28 +186,6 @@ class UpstreamLM:
                 "cannot collect it; drop it from --modes (greedy and sc<k> work) or collect it with a local --model"
             )
 
-    def _list_models(self) -> list[dict[str, Any]]:
-        httpx = _httpx()
-        try:
-            response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=min(self.timeout_s, 30.0))
-        except httpx.HTTPError as error:
-            raise UpstreamError(
-                f"cannot reach the upstream {self.url}: {type(error).__name__}: {error}; start the server "
-                "(e.g. `vllm serve MODEL --port 8001 --enable-prefix-caching`) or fix --upstream"
-            ) from None
-        if response.status_code in (401, 403):
-            raise UpstreamError(
-                f"the upstream {self.url} refused the API key ({response.status_code}); "
-                "set --upstream-api-key or TOKENOPT_UPSTREAM_API_KEY"
-            )
-        if response.status_code != 200:
-            return []  # servers without /v1/models (tokenopt serve): the model name comes from --upstream-model
-        try:
-            data = response.json().get("data", [])
-        except (ValueError, AttributeError):
-            return []
-        return [entry for entry in data if isinstance(entry, dict)] if isinstance(data, list) else []
-
     # -- prompts ---------------------------------------------------------------
 
     def prompt_text(self, question: str) -> str:
@@ -237,14 +199,13 @@ class UpstreamLM:
         """
         texts = [self.prompt_text(question) for question in questions]
 
-        async def count(client: Any, semaphore: asyncio.Semaphore, text: str) -> UpstreamPrompt:
-            data = await self._post(client, semaphore, {"prompt": text, "max_tokens": 1, "temperature": 0.0})
+        async def count(text: str) -> UpstreamPrompt:
+            data = await self._post({"prompt": text, "max_tokens": 1, "temperature": 0.0})
             return UpstreamPrompt(text, self._prompt_tokens(data))
 
         async def count_all() -> list[UpstreamPrompt]:
-            async with self._client() as client:
-                semaphore = asyncio.Semaphore(self.concurrency)
-                return list(await asyncio.gather(*(count(client, semaphore, text) for text in texts)))
+            async with self.client:
+                return list(await asyncio.gather(*(count(text) for text in texts)))
 
         return asyncio.run(count_all()) if texts else []
 
@@ -260,54 +221,13 @@ class UpstreamLM:
 
     # -- HTTP --------------------------------------------------------------------
 
-    def _client(self) -> Any:
-        httpx = _httpx()
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        return httpx.AsyncClient(headers=self.headers, timeout=self.timeout_s, limits=limits)
-
-    async def _post(self, client: Any, semaphore: asyncio.Semaphore, body: dict[str, Any]) -> dict[str, Any]:
-        """POST a completion; retry connection errors, 429 and 5xx with exponential backoff."""
-        httpx = _httpx()
-        body = {"model": self.name, **body}
-        delay = self.backoff_s
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.stats.retries += 1
-                await asyncio.sleep(delay)
-                delay *= 2
-            async with semaphore:
-                try:
-                    response = await client.post(f"{self.url}/completions", json=body)
-                except httpx.HTTPError as error:
-                    problem = f"upstream {self.url} unreachable: {type(error).__name__}: {error}"
-                    continue
-            if response.status_code == 200:
-                try:
-                    data = response.json()
-                except ValueError:
-                    raise UpstreamError(
-                        f"upstream {self.url} answered 200 with malformed JSON: {response.text[:200]!r}"
-                    ) from None
-                if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-                    raise UpstreamError(
-                        f"upstream {self.url} answered 200 without completion choices: {response.text[:200]!r}"
-                    )
-                self.stats.requests += 1
-                usage = data.get("usage")
-                usage = usage if isinstance(usage, dict) else {}
-                self.stats.forward_tokens += int(usage.get("prompt_tokens") or 0)
-                self.stats.forward_tokens += int(usage.get("completion_tokens") or 0)
-                return data
-            problem = f"upstream {self.url} answered {response.status_code}: {response.text[:300]!r}"
-            if response.status_code != 429 and response.status_code < 500:
-                raise UpstreamError(problem)
-        raise UpstreamError(f"{problem} (after {self.retries} retries)")
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A completion of this model (retried and validated by the client)."""
+        return await self.client.complete({"model": self.name, **body})
 
     def _prompt_tokens(self, data: dict[str, Any]) -> int:
-        usage = data.get("usage")
-        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        if not isinstance(tokens, int) or tokens < 1:
+        tokens = read_usage(data).prompt_tokens
+        if tokens < 1:
             raise UpstreamError(f"upstream {self.url} answered without usage.prompt_tokens: {str(data)[:200]!r}")
         return tokens
 
@@ -378,8 +298,6 @@ class UpstreamLM:
 
     async def _sample(
         self,
-        client: Any,
-        semaphore: asyncio.Semaphore,
         prompt: UpstreamPrompt,
         budgets: list[int],
         temperature: float,
@@ -399,7 +317,7 @@ class UpstreamLM:
                 "seed": seed,
                 "logprobs": 1,
             }
-            trace = self._completion(await self._post(client, semaphore, body), started)
+            trace = self._completion(await self._post(body), started)
             if trace.finish_reason != "stop" and len(trace.tokens) < largest + cap:
                 raise UpstreamError(
                     f"upstream {self.url} returned {len(trace.tokens)} tokens for max_tokens {largest + cap} "
@@ -429,7 +347,7 @@ class UpstreamLM:
                 "seed": seed,
                 "logprobs": 1,
             }
-            forced = self._completion(await self._post(client, semaphore, body), started)
+            forced = self._completion(await self._post(body), started)
             cue_tokens = forced.prompt_tokens - len(prompt) - cut
             if cue_tokens < 1:
                 raise UpstreamError(
@@ -480,13 +398,11 @@ class UpstreamLM:
         temperature = self.temperature if mode.kind == "sc" else 0.0
         query_seeds = seeds if seeds is not None else [0] * len(prompts)
 
-        async def one_query(client: Any, semaphore: asyncio.Semaphore, index: int) -> dict[int, ModeOutcome]:
+        async def one_query(index: int) -> dict[int, ModeOutcome]:
             started = time.perf_counter()
             per_sample = await asyncio.gather(
                 *(
                     self._sample(
-                        client,
-                        semaphore,
                         prompts[index],
                         budgets,
                         temperature,
@@ -499,9 +415,8 @@ class UpstreamLM:
             return {budget: self._summarise([s[budget] for s in per_sample], mode) for budget in budgets}
 
         async def all_queries() -> list[dict[int, ModeOutcome]]:
-            async with self._client() as client:
-                semaphore = asyncio.Semaphore(self.concurrency)
-                tasks = [asyncio.ensure_future(one_query(client, semaphore, i)) for i in range(len(prompts))]
+            async with self.client:
+                tasks = [asyncio.ensure_future(one_query(i)) for i in range(len(prompts))]
                 try:
                     return list(await asyncio.gather(*tasks))
                 finally:

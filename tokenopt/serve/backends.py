@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenopt.actions import Mode, parse_mode
+from tokenopt.lm.openai_client import OpenAIClient, UpstreamError, read_usage
 from tokenopt.scoring import majority_vote
 
 __all__ = ["BackendError", "Generation", "LocalBackend", "UpstreamBackend", "UpstreamError"]
@@ -29,12 +30,16 @@ __all__ = ["BackendError", "Generation", "LocalBackend", "UpstreamBackend", "Ups
 logger = logging.getLogger(__name__)
 
 
+PROXY_BACKOFF_S = 0.2
+"""The proxy's first retry wait (then twice as long each time): a client is waiting for the answer."""
+
+
 class BackendError(RuntimeError):
-    """The backend could not serve a request (the server answers 500 or 502)."""
+    """The local LM could not serve a request (the server answers 500).
 
-
-class UpstreamError(BackendError):
-    """The upstream server failed, timed out or answered something unusable (502)."""
+    An upstream's failure is :class:`tokenopt.lm.openai_client.UpstreamError` (502),
+    the one error of the client that collection and the proxy share.
+    """
 
 
 @dataclass
@@ -300,7 +305,8 @@ class UpstreamBackend:
     forced: a second request sends prompt + reasoning + cue with a short
     ``max_tokens`` and a newline stop, greedily. ``sc<k>`` votes on the answers.
     ``beam<k>`` has no portable OpenAI parameter and is served greedily (the response
-    says so). Billed tokens are the completion tokens the upstream reports.
+    says so). Billed tokens are the completion tokens the upstream reports
+    (:func:`tokenopt.lm.openai_client.read_usage`).
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:8001`` (``/v1`` optional).
@@ -311,7 +317,8 @@ class UpstreamBackend:
             prompt format).
         api_key: bearer token for the upstream.
         timeout: seconds per upstream request.
-        retries: retries on connection errors, 429 and 5xx, with backoff.
+        retries: retries on connection errors, timeouts, 429 and 5xx, with backoff
+            from :data:`PROXY_BACKOFF_S` (:class:`tokenopt.lm.openai_client.OpenAIClient`'s policy).
         temperature: sampling temperature of ``sc<k>``.
         prompt_template: how a question becomes the upstream's prompt (for a chat
             model, write its chat markup into the template, as at collection).
@@ -332,26 +339,19 @@ class UpstreamBackend:
         prompt_template: str = "{question}",
         client: Any = None,
     ) -> None:
-        import httpx
-
         if "{question}" not in prompt_template:
             raise ValueError(f"prompt template {prompt_template!r} has no {{question}} placeholder")
         self.prompt_template = prompt_template
 
-        base = url.rstrip("/")
-        self.url = base if base.endswith("/v1") else f"{base}/v1"
+        self.client = OpenAIClient(
+            url, api_key, retries=retries, backoff_s=PROXY_BACKOFF_S, timeout_s=timeout, http_client=client
+        )
+        self.url = self.client.url
         self.name = model
         self.answer_cue = answer_cue
         self.max_answer_tokens = max_answer_tokens
         self.answer_extractor = answer_extractor or (lambda text: text.strip())
-        self.retries = retries
         self.temperature = temperature
-        # Another tokenopt server upstream serves these requests as plain completions;
-        # other servers ignore the header.
-        headers = {"X-Tokenopt-Bypass": "1"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self.client = client or httpx.AsyncClient(timeout=timeout, headers=headers)
         self.answer_room = max_answer_tokens + 1
 
     def count_tokens(self, text: str) -> int:
@@ -359,32 +359,8 @@ class UpstreamBackend:
         return 0
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        body = {"model": self.name, **body}
-        delay = 0.2
-        for attempt in range(self.retries + 1):
-            try:
-                response = await self.client.post(f"{self.url}/completions", json=body)
-            except httpx.HTTPError as error:
-                problem = f"upstream {self.url} unreachable: {type(error).__name__}: {error}"
-            else:
-                if response.status_code == 200:
-                    try:
-                        data = response.json()
-                        data["choices"][0]["text"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise UpstreamError(
-                            f"upstream {self.url} answered 200 without a completions body: {response.text[:200]!r}"
-                        ) from None
-                    return data
-                problem = f"upstream {self.url} answered {response.status_code}: {response.text[:200]!r}"
-                if response.status_code != 429 and response.status_code < 500:
-                    raise UpstreamError(problem)
-            if attempt < self.retries:
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise UpstreamError(problem)
+        """A completion of this model (retried and validated by the client)."""
+        return await self.client.complete({"model": self.name, **body})
 
     def _read(self, text: str) -> tuple[str, str | None]:
         """Split a choice's text into reasoning and a finished answer (None if unfinished)."""
@@ -413,9 +389,8 @@ class UpstreamBackend:
             body: dict[str, Any] = {"prompt": question, "max_tokens": budget, "n": n, "seed": seed}
             body["temperature"] = self.temperature if parsed.kind == "sc" else 0.0
             first = await self._post(body)
-            usage = first.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens", 0))
-            reasoning_tokens = int(usage.get("completion_tokens", 0))
+            usage = read_usage(first)
+            prompt_tokens, reasoning_tokens = usage.prompt_tokens, usage.completion_tokens
             choices = sorted(first["choices"], key=lambda choice: int(choice.get("index", 0)))
             texts = [str(choice.get("text", "")) for choice in choices]
             finishes = [str(choice.get("finish_reason", "length")) for choice in choices]
@@ -441,10 +416,10 @@ class UpstreamBackend:
             return i, await self._post(body)
 
         for i, data in await asyncio.gather(*(force(i) for i in forced)):
-            answers[i] = str(data["choices"][0].get("text", ""))
-            usage = data.get("usage") or {}
-            forcing_tokens += int(usage.get("completion_tokens", 0))
-            prompt_tokens = prompt_tokens or int(usage.get("prompt_tokens", 0))
+            answers[i] = str(data["choices"][0]["text"])
+            usage = read_usage(data)
+            forcing_tokens += usage.completion_tokens
+            prompt_tokens = prompt_tokens or usage.prompt_tokens
         extracted = [self.answer_extractor(answer or "") for answer in answers]
         chosen = majority_vote(extracted)
         text = f"{reasoning[chosen]}{self.answer_cue}{answers[chosen] or ''}"
@@ -472,12 +447,11 @@ class UpstreamBackend:
         data = await self._post(body)
         from tokenopt.lm.local import PlainCompletion
 
-        usage = data.get("usage") or {}
-        prompt_tokens = int(usage.get("prompt_tokens", 0))
-        share = int(usage.get("completion_tokens", 0)) // max(1, len(data["choices"]))
+        usage = read_usage(data)
+        share = usage.completion_tokens // len(data["choices"])
         return [
             (
-                prompt_tokens,
+                usage.prompt_tokens,
                 PlainCompletion(
                     text=str(choice.get("text", "")),
                     token_ids=[0] * share,
@@ -489,5 +463,5 @@ class UpstreamBackend:
         ]
 
     async def aclose(self) -> None:
-        """Close the HTTP client."""
+        """Close the upstream client's connections."""
         await self.client.aclose()
