@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -375,7 +377,7 @@ class CompletionRequest(_GenerationRequest):
 
     endpoint: ClassVar[str] = "completions"
 
-    prompt: str
+    prompt: str = Field(default=None, validate_default=True)  # missing: refused by its validator, as null
     """The prompt (a list of one string is read as that string)."""
     # Declared after the prompt so that the checks run in the server's order: prompt first, logprobs last.
     max_tokens: int | None = None
@@ -440,7 +442,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
     endpoint: ClassVar[str] = "chat.completions"
 
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(default=None, validate_default=True)  # missing: refused as null
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
@@ -521,7 +523,12 @@ def parse_request(
 ) -> ParsedRequest:
     """Validate a request body; raise :class:`RequestError` (400, 413, 422) naming the bad field."""
     context = {"prompt_format": prompt_format, "max_prompt_chars": max_prompt_chars, "bypass_header": bypass_header}
-    request = REQUEST_MODELS[endpoint].model_validate(body, context=context)
+    try:
+        request = REQUEST_MODELS[endpoint].model_validate(body, context=context)
+    except ValidationError as error:  # every field refuses with a RequestError first; kept as a safety net
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise RequestError(422, f"`{param}`: {first['msg']}", param) from None
     return request.parsed(prompt_format, bypass_header)
 
 
