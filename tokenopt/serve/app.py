@@ -10,6 +10,11 @@
 
 Every response says what was decided in a ``tokenopt`` field and in the
 ``X-Tokenopt-Decision`` header; every decided request is appended to the decision log.
+
+The routes here are thin, as in vLLM's ``entrypoints/openai/api_server.py``: they check
+the key, validate the body with :mod:`tokenopt.serve.protocol`, and hand the request to
+:mod:`tokenopt.serve.serving`, which calls the model through the
+:class:`~tokenopt.serve.engine.Engine` interface.
 """
 
 from __future__ import annotations
