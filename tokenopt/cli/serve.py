@@ -16,7 +16,7 @@ def _threads(count: int) -> int:
 
 
 SERVE_OPTIONS = ConfigOptions(
-    "tokenopt.serve.app:ServeConfig",
+    "tokenopt.serve.config:ServeConfig",
     flags={
         "upstream_api_key": Flag(envvar="TOKENOPT_UPSTREAM_API_KEY"),
         "api_key": Flag(envvar="TOKENOPT_API_KEY"),
@@ -28,7 +28,7 @@ SERVE_OPTIONS = ConfigOptions(
         ),
     },
 )
-"""Every field of :class:`~tokenopt.serve.app.ServeConfig` is a flag."""
+"""Every field of :class:`~tokenopt.serve.config.ServeConfig` is a flag."""
 
 
 @config_options(settings=SERVE_OPTIONS)
