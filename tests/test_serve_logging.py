@@ -67,7 +67,7 @@ def _drop_after_first_event(url: str, question: str) -> str:
 
 def _read_whole(url: str, question: str) -> str:
     with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": question, "stream": True}, timeout=60) as r:
-        lines = list(r.iter_lines())
+        lines = [line for line in r.iter_lines() if line]
         assert lines[-1] == "data: [DONE]"
         return r.headers["x-request-id"]
 
