@@ -214,9 +214,21 @@ class _ClosingStreamingResponse(StreamingResponse):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            # A client gone while the request was decoded gets nothing: writing to its closed
+            # connection would look like a stream read to the end.
+            if not await _client_left(receive):
+                await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+async def _client_left(receive: Any) -> bool:
+    """Whether the ASGI server has already reported the client's disconnect (without waiting for one)."""
+    try:
+        message = await asyncio.wait_for(receive(), timeout=0.001)
+    except asyncio.TimeoutError:
+        return False
+    return bool(message.get("type") == "http.disconnect")
 
 
 def _fill(record: DecisionRecord, generation: Generation) -> None:
