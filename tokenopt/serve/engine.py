@@ -80,12 +80,10 @@ class Engine(Protocol):
         ...
 
 
-class LocalEngine:
-    """A :class:`LocalBackend` as an :class:`Engine`: it streams, decodes and closes synchronously."""
+class _Adapter:
+    """What both adapters share: the backend's name, cue and answer room, and plain generation."""
 
-    streams_tokens = True
-
-    def __init__(self, backend: LocalBackend) -> None:
+    def __init__(self, backend: LocalBackend | UpstreamBackend) -> None:
         self.backend = backend
         self.name = str(backend.name)
         self.answer_cue = backend.answer_cue
@@ -94,7 +92,26 @@ class LocalEngine:
     @property
     def answer_room(self) -> int:
         """Tokens the cue and the longest answer take after the reasoning."""
-        return self.backend.answer_room
+        return int(self.backend.answer_room)
+
+    async def generate_plain(
+        self, prompt: str, max_tokens: int, n: int, temperature: float, seed: int, stop: list[str]
+    ) -> list[tuple[int, Any]]:
+        """Plain generation of a raw prompt (a request that bypasses the policy)."""
+        try:
+            return list(await self.backend.generate_plain(prompt, max_tokens, n, temperature, seed, stop))
+        except ValueError as error:
+            raise EngineInputError(str(error)) from None
+
+
+class LocalEngine(_Adapter):
+    """A :class:`LocalBackend` as an :class:`Engine`: it streams, decodes and closes synchronously."""
+
+    streams_tokens = True
+
+    def __init__(self, backend: LocalBackend) -> None:
+        super().__init__(backend)
+        self.backend: LocalBackend = backend
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of some generated tokens."""
@@ -122,35 +139,19 @@ class LocalEngine:
         except ValueError as error:
             raise EngineInputError(str(error)) from None
 
-    async def generate_plain(
-        self, prompt: str, max_tokens: int, n: int, temperature: float, seed: int, stop: list[str]
-    ) -> list[tuple[int, Any]]:
-        """Plain generation of a raw prompt."""
-        try:
-            return await self.backend.generate_plain(prompt, max_tokens, n, temperature, seed, stop)
-        except ValueError as error:
-            raise EngineInputError(str(error)) from None
-
     async def aclose(self) -> None:
         """Stop the worker after the jobs already queued."""
         self.backend.close()
 
 
-class UpstreamEngine:
+class UpstreamEngine(_Adapter):
     """An :class:`UpstreamBackend` as an :class:`Engine`: whole responses only, no tokenizer."""
 
     streams_tokens = False
 
     def __init__(self, backend: UpstreamBackend) -> None:
-        self.backend = backend
-        self.name = str(backend.name)
-        self.answer_cue = backend.answer_cue
-        self.max_answer_tokens = int(backend.max_answer_tokens)
-
-    @property
-    def answer_room(self) -> int:
-        """The cue and the longest answer."""
-        return int(self.backend.answer_room)
+        super().__init__(backend)
+        self.backend: UpstreamBackend = backend
 
     def decode(self, token_ids: list[int]) -> str:
         """The upstream sends text, not tokens: never called (``streams_tokens`` is False)."""
@@ -174,15 +175,6 @@ class UpstreamEngine:
             raise EngineInputError("an upstream engine does not stream tokens as they are chosen")
         try:
             return await self.backend.generate(question, budget, mode, seed=seed, answer_cap=answer_cap)
-        except ValueError as error:
-            raise EngineInputError(str(error)) from None
-
-    async def generate_plain(
-        self, prompt: str, max_tokens: int, n: int, temperature: float, seed: int, stop: list[str]
-    ) -> list[tuple[int, Any]]:
-        """Plain generation of a raw prompt through the upstream."""
-        try:
-            return list(await self.backend.generate_plain(prompt, max_tokens, n, temperature, seed, stop))
         except ValueError as error:
             raise EngineInputError(str(error)) from None
 
