@@ -240,6 +240,7 @@ def _prompt_format(settings: dict[str, Any]) -> dict[str, object]:
         answer_regex=settings.get("answer_regex"),
         max_answer_tokens=int(settings.get("max_answer_tokens", 8)),
         use_chat_template=bool(settings.get("use_chat_template", False)),
+        system_prompt=settings.get("system_prompt"),
     ).to_dict()
 
 

@@ -25,6 +25,8 @@ class PromptFormat:
     """Most tokens an answer may have after the cue."""
     use_chat_template: bool = False
     """Wrap the prompt with the tokenizer's chat template (for chat models)."""
+    system_prompt: str | None = None
+    """System message placed before the question in the chat template; None keeps the template's default."""
 
     def __post_init__(self) -> None:
         if "{question}" not in self.template:
@@ -33,6 +35,8 @@ class PromptFormat:
             raise ValueError("the answer cue is empty: budget forcing needs a cue such as '=' or '\\nFinal answer:'")
         if self.max_answer_tokens < 1:
             raise ValueError(f"max_answer_tokens must be >= 1; got {self.max_answer_tokens}")
+        if self.system_prompt is not None and not self.use_chat_template:
+            raise ValueError("a system prompt needs the chat template (--chat-template)")
         if self.answer_regex is not None:
             try:
                 re.compile(self.answer_regex)
@@ -59,6 +63,7 @@ class PromptFormat:
             "answer_regex": self.answer_regex,
             "max_answer_tokens": self.max_answer_tokens,
             "use_chat_template": self.use_chat_template,
+            "system_prompt": self.system_prompt,
             "features_read": "question",
         }
 
@@ -81,6 +86,9 @@ class PromptFormat:
         for name, kind in kinds.items():
             if name not in data or not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool)):
                 raise ValueError(f"prompt_format.{name} is missing or of the wrong type: {data.get(name)!r}")
+        system_prompt = data.get("system_prompt")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"prompt_format.system_prompt must be a string or null; got {system_prompt!r}")
         if data.get("features_read", "question") != "question":
             raise ValueError(f"prompt_format.features_read {data.get('features_read')!r} is not 'question'")
         return cls(
@@ -89,11 +97,17 @@ class PromptFormat:
             answer_regex=data["answer_regex"],
             max_answer_tokens=data["max_answer_tokens"],
             use_chat_template=data["use_chat_template"],
+            system_prompt=system_prompt,
         )
 
     def prompt_text(self, question: str) -> str:
         """The prompt's text for a question (before any chat template)."""
         return self.template.replace("{question}", question)
+
+    def chat_messages(self, question: str) -> list[dict[str, str]]:
+        """The chat messages of a question: the system prompt (when set), then the prompt as the user's turn."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return [*messages, {"role": "user", "content": self.prompt_text(question)}]
 
     def extract_answer(self, text: str) -> str:
         """The answer in the text generated after the cue (see :func:`tokenopt.scoring.extract_answer`)."""

@@ -34,6 +34,8 @@ class CollectConfig:
     """Most tokens of an answer."""
     use_chat_template: bool = False
     """Wrap prompts in the tokenizer's chat template."""
+    system_prompt: str | None = None
+    """System message of the chat template (with --chat-template); None keeps the template's default."""
     temperature: float = 1.0
     """Sampling temperature of sc<k>."""
     device: str = "auto"
@@ -71,6 +73,7 @@ class CollectConfig:
             answer_regex=self.answer_regex,
             max_answer_tokens=self.max_answer_tokens,
             use_chat_template=self.use_chat_template,
+            system_prompt=self.system_prompt,
         )
 
 

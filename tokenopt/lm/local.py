@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,11 +180,30 @@ def model_source(model: str | Path | None) -> tuple[Path, bool]:
     return path, local
 
 
+def gguf_source(path: Path) -> tuple[str, dict[str, str]]:
+    """The folder and ``gguf_file`` argument that load a GGUF checkpoint with transformers.
+
+    transformers dequantises the file's weights to floating point on load.
+
+    Raises:
+        ValueError: a file that is not ``.gguf``.
+        ImportError: the ``gguf`` or ``accelerate`` package is missing (``pip install 'tokenopt[gguf]'``).
+    """
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"model {str(path)!r} is a file, not a .gguf checkpoint; give a model folder or a .gguf file")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"loading {path.name} needs the {' and '.join(missing)} package(s): pip install 'tokenopt[gguf]'"
+        )
+    return str(path.parent), {"gguf_file": path.name}
+
+
 class TransformersLM:
     """A causal LM loaded with transformers, decoding with budget forcing.
 
     Args:
-        model: a local model folder or a hub id; None loads the embedded demo LM.
+        model: a local model folder, a ``.gguf`` file or a hub id; None loads the embedded demo LM.
         device: ``auto`` (cuda, then mps, then cpu), or a torch device string.
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
         prompt_format: prompt template, answer cue and answer extraction.
@@ -206,9 +227,12 @@ class TransformersLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         source = str(path) if local else str(model)
+        extra: dict[str, str] = {}
+        if local and path.is_file():
+            source, extra = gguf_source(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-            loaded = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=self.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, **extra)
+            loaded = AutoModelForCausalLM.from_pretrained(source, local_files_only=local, dtype=self.dtype, **extra)
         except OSError as error:
             raise FileNotFoundError(f"could not load a causal LM from {source!r}: {error}") from None
         loaded.to(self.device)  # type: ignore[arg-type]
@@ -242,13 +266,16 @@ class TransformersLM:
 
     def encode_prompt(self, question: str) -> list[int]:
         """Token ids of the prompt for a question."""
-        text = self.prompt_format.prompt_text(question)
         if self.prompt_format.use_chat_template:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"--chat-template: the tokenizer of {self.name!r} has no chat template")
+            encoded = self.tokenizer.apply_chat_template(
+                self.prompt_format.chat_messages(question), add_generation_prompt=True, tokenize=True
             )
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        return list(self.tokenizer(text)["input_ids"])
+            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list of ids.
+            ids: Any = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
+            return [int(i) for i in ids]
+        return list(self.tokenizer(self.prompt_format.prompt_text(question))["input_ids"])
 
     def encode_prompts(self, questions: list[str]) -> list[list[int]]:
         """Token ids of the prompt of each question."""

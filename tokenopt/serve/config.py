@@ -79,6 +79,8 @@ class ServeConfig:
     """Most tokens an answer may have; default: the policy's."""
     chat_template: bool | None = None
     """Wrap prompts with the tokenizer's chat template; default: as the policy's table was collected."""
+    system_prompt: str | None = None
+    """System message of the chat template; default: the policy's."""
     force_prompt_format: bool = False
     """Serve the prompt flags given even where they differ from the format the policy records."""
     temperature: float = 1.0
@@ -101,6 +103,7 @@ class ServeConfig:
             answer_regex=self.answer_regex,
             max_answer_tokens=plain.max_answer_tokens if self.max_answer_tokens is None else self.max_answer_tokens,
             use_chat_template=bool(self.chat_template),
+            system_prompt=self.system_prompt,
         )
 
     def __post_init__(self) -> None:
@@ -130,6 +133,7 @@ _PROMPT_FLAGS = {
     "answer_regex": ("answer_regex", "--answer-regex"),
     "max_answer_tokens": ("max_answer_tokens", "--max-answer-tokens"),
     "chat_template": ("use_chat_template", "--chat-template"),
+    "system_prompt": ("system_prompt", "--system-prompt"),
 }
 """ServeConfig's prompt fields: the PromptFormat attribute each sets, and its flag."""
 
