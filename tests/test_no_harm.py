@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
@@ -50,9 +51,9 @@ def test_paired_bootstrap_means_resample_every_row_with_the_same_queries():
     assert np.allclose(means[:, 1] - means[:, 0], 1.0) and np.allclose(means[:, 2], 2 * means[:, 0])
     # a 1-D column gives the lower bound's own resampled means (one implementation, unchanged draws)
     single = paired_bootstrap_means(a, resamples=400, seed=5)
-    assert np.array_equal(single, means[:, 0])
+    assert np.allclose(single, means[:, 0], rtol=0, atol=1e-12)
     low, high = paired_bootstrap_lower_bound(a, 0.95, 400, seed=5)
-    assert (low, high) == (float(np.quantile(single, 0.05)), float(np.quantile(single, 0.95)))
+    assert (low, high) == pytest.approx((np.quantile(single, 0.05), np.quantile(single, 0.95)), abs=1e-12)
     with pytest.raises(ValueError, match="at least one resample"):
         paired_bootstrap_means(a, resamples=0, seed=0)
 
@@ -95,7 +96,7 @@ def test_split_figures_match_the_point_figures_and_the_oracle_beats_fixed_only_w
     oracle_reward, best_fixed = reference_rewards(matrix, cost)
     assert figures["reward"].value == pytest.approx(oracle_reward)
     assert figures["gap_recovered"].value == pytest.approx(1.0)
-    assert figures["em"].low < figures["em"].value < figures["em"].high
+    assert figures["tokens"].low < figures["tokens"].value < figures["tokens"].high
     fixed = int(np.argmax(matrix.rewards(cost).mean(axis=0)))
     at_fixed = split_figures(matrix, exact[:, fixed], billed[:, fixed], cost)
     assert at_fixed["gap_recovered"].value == pytest.approx(gap_recovered(best_fixed, best_fixed, oracle_reward))
@@ -123,41 +124,58 @@ def test_the_noise_warning_fires_when_the_oracle_margin_is_a_few_lucky_queries()
 # --- a greedy-only table, eval, train's fallback, gate, serve (slow: they need the demo table) -------------------
 
 
-@pytest.fixture(scope="module")
-def greedy_table(tmp_path_factory, demo_table) -> Path:
-    """The demo table with only its greedy rows: what a user with a slow model starts with."""
-    out = tmp_path_factory.mktemp("greedy") / "table"
-    out.mkdir()
+def _derive_table(source: Path, out: Path, keep: set[str]) -> Path:
+    """A copy of an outcome table with only the actions in ``keep`` (as if collected with fewer of them)."""
+    out.mkdir(parents=True)
     for name in ("features.parquet", "queries.parquet"):
-        shutil.copy(demo_table / name, out / name)
-    outcomes = load_outcomes(demo_table)
-    greedy = outcomes.filter(pc.equal(outcomes.column("mode"), "greedy"))
+        shutil.copy(source / name, out / name)
+    outcomes = load_outcomes(source)
+    kept = outcomes.filter(pc.is_in(outcomes.column("action"), value_set=pa.array(sorted(keep))))
     (out / OUTCOMES_DIR).mkdir()
-    write_table_atomic(greedy, shard_path(out, 0))
-    manifest = json.loads((demo_table / MANIFEST_FILE).read_text())
-    manifest["actions"] = [a for a in manifest["actions"] if a["mode"] == "greedy"]
-    manifest["settings"]["modes"] = ["greedy"]
-    manifest |= {"rows": greedy.num_rows, "shards": 1}
+    write_table_atomic(kept, shard_path(out, 0))
+    manifest = json.loads((source / MANIFEST_FILE).read_text())
+    manifest["actions"] = [a for a in manifest["actions"] if a["name"] in keep]
+    manifest["settings"]["modes"] = list(dict.fromkeys(a["mode"] for a in manifest["actions"]))
+    manifest["settings"]["budgets"] = sorted({a["budget"] for a in manifest["actions"]})
+    manifest |= {"rows": kept.num_rows, "shards": 1}
     write_json_atomic(manifest, out / MANIFEST_FILE)
     return out
 
 
 @pytest.fixture(scope="module")
-def greedy_run(tmp_path_factory, greedy_table) -> tuple[Path, str]:
-    """``tokenopt train`` for 2,048 steps on the greedy table: too short to beat the best fixed action."""
-    run = tmp_path_factory.mktemp("greedy_run") / "run"
-    args = ["train", "--table", str(greedy_table), "--out", str(run), "--total-timesteps", "2048", "--eval-freq",
-            "1024"]  # fmt: skip
+def greedy_table(tmp_path_factory, demo_table) -> Path:
+    """The demo table with only its greedy rows: what a user with a slow model starts with."""
+    actions = json.loads((demo_table / MANIFEST_FILE).read_text())["actions"]
+    greedy = {a["name"] for a in actions if a["mode"] == "greedy"}
+    return _derive_table(demo_table, tmp_path_factory.mktemp("greedy") / "table", greedy)
+
+
+def _train(table: Path, out: Path, *extra: str) -> str:
+    args = ["train", "--table", str(table), "--out", str(out), "--eval-freq", "1024", *extra]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    return run, _output(result)
+    return _output(result)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(tmp_path_factory, greedy_table) -> tuple[Path, str]:
+    """``tokenopt train`` for 4,096 steps on the greedy table at lambda 0.01 (run folder, printed output)."""
+    run = tmp_path_factory.mktemp("greedy_run") / "run"
+    return run, _train(greedy_table, run, "--total-timesteps", "4096")
+
+
+@pytest.fixture(scope="module")
+def fallback_run(tmp_path_factory, greedy_table) -> tuple[Path, str]:
+    """Training at lambda 2 per token, where no query gains from reasoning: answering directly (b0) earns the most
+    on every query, so no policy can beat the best fixed action and train must fall back to it."""
+    run = tmp_path_factory.mktemp("fallback_run") / "run"
+    return run, _train(greedy_table, run, "--total-timesteps", "2048", "--cost-weight", "2")
 
 
 def test_eval_runs_on_a_greedy_only_table_and_says_what_it_left_out(tmp_path, greedy_run, greedy_table):
     run, _ = greedy_run
     out = tmp_path / "eval"
-    args = ["eval", str(run / "policy-learned"), "--table", str(greedy_table), "--out", str(out), "--cost-weights",
-            "0.01"]  # fmt: skip
+    args = ["eval", str(run), "--table", str(greedy_table), "--out", str(out), "--cost-weights", "0.01"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     text = _output(result)
@@ -182,13 +200,43 @@ def test_eval_runs_on_a_greedy_only_table_and_says_what_it_left_out(tmp_path, gr
     assert "noise" in report["per_weight"][0]
 
 
-def test_train_falls_back_to_the_best_fixed_action_and_serving_loads_it(greedy_run, greedy_table, tmp_path):
+def test_eval_runs_on_a_table_of_one_budget_per_mode(tmp_path, demo_table):
+    table = _derive_table(demo_table, tmp_path / "table", {"b16/greedy", "b16/sc5", "b16/beam3"})
+    _train(table, tmp_path / "run", "--total-timesteps", "1024")
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--table", str(table), "--out", str(out),
+                                 "--cost-weights", "0.01"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["left_out"] == {
+        "Dynasor-style": "no mode of the table has 2 or more budgets, so no 2 probes can agree"
+    }
+    assert "Dynasor-style: left out, no mode of the table has 2 or more budgets" in _output(result)
+    methods = {r["method"] for r in report["per_weight"][0]["rows"]}
+    assert {"DEER-style", "Adaptive-Consistency-style", "TALE-style", "fixed"} <= methods
+    deer = next(r for r in report["per_weight"][0]["rows"] if r["method"] == "DEER-style")
+    assert ", from b16, " in deer["setting"]  # its ladder starts where the table does
+
+
+def test_train_keeps_a_policy_that_beats_the_best_fixed_action_beyond_the_noise(greedy_run):
     run, printed = greedy_run
+    record = json.loads((run / "no_harm.json").read_text())
+    assert record["verdict"]["beats_fixed"] and record["verdict"]["lower_bound"] > 0 and not record["fallback"]
+    assert "do no harm: passed" in printed and "95% bootstrap intervals" in printed
+    low, high = record["figures"]["reward"][1:]
+    assert low < record["verdict"]["policy_reward"] < high
+    assert BudgetPolicy.load(run / "policy").fallback is None and not (run / "policy-learned").exists()
+
+
+def test_train_falls_back_to_the_best_fixed_action_when_it_cannot_beat_it(fallback_run, greedy_table):
+    run, printed = fallback_run
     record = json.loads((run / "no_harm.json").read_text())
     verdict = record["verdict"]
     assert verdict["lower_bound"] <= 0 and not verdict["beats_fixed"] and record["fallback"]
+    assert verdict["fixed_action"] == "b0/greedy"
     assert "do no harm:" in printed and f"always picks {verdict['fixed_action']}" in printed
     assert "--no-fallback" in printed and "95% bootstrap intervals" in printed
+    assert record["noise"]["within_noise"] and "within the split's noise" in printed  # the oracle has no margin
     fallback = BudgetPolicy.load(run / "policy")
     assert fallback.fallback is not None and fallback.fallback["action"] == verdict["fixed_action"]
     assert fallback.fallback["verdict"]["lower_bound"] == verdict["lower_bound"]
@@ -199,20 +247,24 @@ def test_train_falls_back_to_the_best_fixed_action_and_serving_loads_it(greedy_r
     # the fallback's val reward is the fixed action's, which the learned one did not beat
     matrix = OutcomeMatrix.from_table(greedy_table).subset("val")
     column = matrix.actions.index(verdict["fixed_action"])
-    assert matrix.rewards(CostModel(0.01))[:, column].mean() == pytest.approx(verdict["fixed_reward"])
+    assert matrix.rewards(CostModel(2.0))[:, column].mean() == pytest.approx(verdict["fixed_reward"])
     # the gate applies the same rule: the learned policy fails it, the fallback passes it
-    gate = run_gate(run / "policy-learned", run / "policy", GateConfig(table=str(greedy_table), max_em_drop=100.0))
+    gate = run_gate(
+        run / "policy-learned", run / "policy", GateConfig(table=str(greedy_table), cost_weight=2.0, max_em_drop=100.0)
+    )
     assert gate.no_harm is not None and not gate.no_harm["beats_fixed"] and not gate.passed
     assert any("do no harm (failed" in reason for reason in gate.reasons)
-    back = run_gate(run / "policy", run / "policy-learned", GateConfig(table=str(greedy_table), max_em_drop=100.0))
+    back = run_gate(
+        run / "policy", run / "policy-learned", GateConfig(table=str(greedy_table), cost_weight=2.0, max_em_drop=100.0)
+    )
     assert back.no_harm is None and any("is a fallback" in reason for reason in back.reasons)
     learned = run / "policy-learned"
-    off = run_gate(learned, learned, GateConfig(table=str(greedy_table), beat_fixed=False))
+    off = run_gate(learned, learned, GateConfig(table=str(greedy_table), cost_weight=2.0, beat_fixed=False))
     assert off.passed and off.no_harm is None
 
 
-def test_no_fallback_keeps_the_learned_policy_and_a_rerun_restores_it(greedy_run, tmp_path):
-    run, _ = greedy_run
+def test_no_fallback_keeps_the_learned_policy_and_a_rerun_restores_it(fallback_run, tmp_path):
+    run, _ = fallback_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     config = copy / "config.yml"
@@ -224,13 +276,13 @@ def test_no_fallback_keeps_the_learned_policy_and_a_rerun_restores_it(greedy_run
         write_fallback_policy(copy / "policy", tmp_path / "bad", "b99/greedy", {})
 
 
-def test_the_server_loads_a_fallback_policy_and_answers_with_its_action(greedy_run, tmp_path):
+def test_the_server_loads_a_fallback_policy_and_answers_with_its_action(fallback_run, tmp_path):
     import httpx
     from serving import running_server
 
     from tokenopt.serve import ServeConfig
 
-    run, _ = greedy_run
+    run, _ = fallback_run
     action = BudgetPolicy.load(run / "policy").fallback["action"]  # type: ignore[index]
     config = ServeConfig(policy=run / "policy", log=tmp_path / "decisions.sqlite", device="cpu", port=0)
     with running_server(config) as (url, _):

@@ -271,14 +271,14 @@ def write_fallback_policy(learned: str | Path, out: str | Path, action: str, ver
 
     def write_weights(partial: Path) -> None:
         with partial.open("wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
+            np.savez(handle, **arrays)
 
     write_atomic(out / POLICY_WEIGHTS_FILE, write_weights)
     layer = {"weight": "m0_layer0_weight", "bias": "m0_layer0_bias", "shape": [inputs, len(names)],
              "activation": "none"}  # fmt: skip
     spec |= {
         "format_version": 1,
-        "policy_id": f"{spec.get('policy_id', 'policy')}-fallback-{action}",
+        "policy_id": f"{spec.get('policy_id', 'policy')}-fallback-{action.replace('/', '-')}",
         "members": [{"layers": [layer]}],
         "weights_sha256": hashlib.sha256((out / POLICY_WEIGHTS_FILE).read_bytes()).hexdigest(),
         "fallback": {

@@ -337,7 +337,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     say("replaying the baselines")
     points, left_out = _baseline_points(train_r, val_r, test_r, config.seed)
     for method, reason in left_out.items():
-        say(f"{method}: left out, {reason}")
+        logger.info("%s: left out, %s", method, reason)
     methods = [method for method in BASELINES if method not in left_out]
     questions = query_questions(config.table)
 

@@ -180,7 +180,7 @@ def train_command(
             f"TensorBoard logs in {run_dir / 'tb'}"
         )
         if no_harm.get(run_dir) is not None:
-            console.print(format_no_harm(no_harm[run_dir]), highlight=False, markup=False)  # type: ignore[arg-type]
+            console.print(format_no_harm(no_harm[run_dir]), highlight=False, markup=False)
     if seeds > 1 and (export or ensemble):
         try:
             comparison = seed_report(
