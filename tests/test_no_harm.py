@@ -272,6 +272,15 @@ def test_no_fallback_keeps_the_learned_policy_and_a_rerun_restores_it(fallback_r
     record = apply_no_harm(copy, fallback=False)
     assert record is not None and not record["fallback"]
     assert BudgetPolicy.load(copy / "policy").fallback is None and not (copy / "policy-learned").exists()
+    # `tokenopt export` applies the same rule, and --no-fallback exports the learned policy
+    exported = runner.invoke(app, ["export", str(copy)])
+    assert exported.exit_code == 0, exported.output
+    assert BudgetPolicy.load(copy / "policy").fallback is not None and (copy / "policy-learned").is_dir()
+    assert "always picks b0/greedy" in _output(exported)
+    exported = runner.invoke(app, ["export", str(copy), "--no-fallback"])
+    assert exported.exit_code == 0, exported.output
+    assert BudgetPolicy.load(copy / "policy").fallback is None and not (copy / "policy-learned").exists()
+    assert "Exported the learned policy anyway" in _output(exported)
     with pytest.raises(ValueError, match="not in the policy's action table"):
         write_fallback_policy(copy / "policy", tmp_path / "bad", "b99/greedy", {})
 

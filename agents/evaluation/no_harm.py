@@ -358,7 +358,7 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
     return result
 
 
-def format_no_harm(result: dict[str, Any], no_fallback_hint: str = "--no-fallback") -> str:
+def format_no_harm(result: dict[str, Any]) -> str:
     """What :func:`apply_no_harm` found, for ``tokenopt train`` to print."""
     verdict = result["verdict"]
     figures = result["figures"]
@@ -384,12 +384,12 @@ def format_no_harm(result: dict[str, Any], no_fallback_hint: str = "--no-fallbac
         lines.append(
             f"do no harm: {verdict['reason']}. {result['policy']} is therefore a fallback that always picks "
             f"{verdict['fixed_action']} (policy.json records it and why); the learned policy is kept in "
-            f"{result['learned_policy']}. To export the learned policy anyway, train with {no_fallback_hint} "
-            "or serve that folder."
+            f"{result['learned_policy']}. To export the learned policy anyway: `tokenopt export "
+            f"{Path(result['policy']).parent} --no-fallback` (or train with --no-fallback), or serve that folder."
         )
     else:
         lines.append(
-            f"do no harm: {verdict['reason']}. Exported the learned policy anyway ({no_fallback_hint}); a constant "
+            f"do no harm: {verdict['reason']}. Exported the learned policy anyway (--no-fallback); a constant "
             f"{verdict['fixed_action']} would serve as well."
         )
     return "\n".join(lines)
