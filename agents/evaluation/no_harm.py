@@ -277,7 +277,6 @@ def write_fallback_policy(learned: str | Path, out: str | Path, action: str, ver
     layer = {"weight": "m0_layer0_weight", "bias": "m0_layer0_bias", "shape": [inputs, len(names)],
              "activation": "none"}  # fmt: skip
     spec |= {
-        "format_version": 1,
         "policy_id": f"{spec.get('policy_id', 'policy')}-fallback-{action.replace('/', '-')}",
         "members": [{"layers": [layer]}],
         "weights_sha256": hashlib.sha256((out / POLICY_WEIGHTS_FILE).read_bytes()).hexdigest(),
