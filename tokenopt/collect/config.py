@@ -19,7 +19,7 @@ class CollectConfig:
     data: str | None = None
     """Question file (JSONL); None collects the embedded demo suite."""
     model: str | None = None
-    """Local model folder or hub id; None uses the embedded demo LM."""
+    """Local model folder, .gguf checkpoint (pip install 'tokenopt[gguf]') or hub id; None uses the embedded demo LM."""
     budgets: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
     """Reasoning budgets of the action table, increasing."""
     modes: list[str] = field(default_factory=lambda: ["greedy", "sc5", "beam3"])
