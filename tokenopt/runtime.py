@@ -234,6 +234,15 @@ class BudgetPolicy:
             raise PolicyLoadError(
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
+        # The one-observation path (decide(), a server's batch of one): checked once by
+        # _check_network, then no validation or conversion per call; weights C-contiguous.
+        self._single = [
+            (
+                self._normalizers[index],
+                [(np.ascontiguousarray(weight), bias.copy(), activation) for weight, bias, activation in layers],
+            )
+            for layers, index in zip(self.members, self._member_normalizer, strict=True)
+        ]
         self._check_network(expected)
         self.prompt_format: PromptFormat | None = None
         """The prompt format the policy's table was collected with; None in exports that predate it."""
@@ -352,6 +361,8 @@ class BudgetPolicy:
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
         raw = np.asarray(observations, dtype=np.float64)
+        if raw.ndim == 2 and raw.shape[0] == 1:
+            return self._probabilities_one(raw[0])[None, :]
         normalized: dict[int, np.ndarray] = {}
         total: np.ndarray | None = None
         for layers, index in zip(self.members, self._member_normalizer, strict=True):
@@ -376,6 +387,34 @@ class BudgetPolicy:
             total = h if total is None else total + h
         assert total is not None
         return total / len(self.members) if len(self.members) > 1 else total
+
+    def _probabilities_one(self, observation: np.ndarray) -> np.ndarray:
+        """Action probabilities of one raw observation (a vector): the batch path without its overhead.
+
+        The same arithmetic as :meth:`probabilities` on a batch of one (a 1 x n matrix, so
+        the same BLAS call), hence the same bits.
+        """
+        total: np.ndarray | None = None
+        clip = self.clip
+        row = observation[None, :]
+        for (mean, inverse_std), layers in self._single:
+            h = row - mean
+            h *= inverse_std
+            np.minimum(h, clip, out=h)  # np.clip's bounds, without its Python-level checks
+            np.maximum(h, -clip, out=h)
+            for weight, bias, activation in layers:
+                h = h @ weight
+                h += bias
+                if activation == "tanh":
+                    np.tanh(h, out=h)
+                elif activation == "relu":
+                    np.maximum(h, 0.0, out=h)
+            h -= h.max()
+            np.exp(h, out=h)
+            h /= h.sum()
+            total = h if total is None else total + h
+        assert total is not None
+        return (total / len(self._single) if len(self._single) > 1 else total)[0]
 
     def _decision(self, probabilities: np.ndarray) -> Decision:
         index = int(np.argmax(probabilities))
@@ -412,7 +451,9 @@ class BudgetPolicy:
 
     def decide(self, prompt: str, extras: np.ndarray | None = None) -> Decision:
         """The decision for one prompt: its budget, mode and ``max_new_tokens``."""
-        return self.decide_batch([prompt], None if extras is None else np.atleast_2d(extras))[0]
+        if self.probe is not None or self.extra_inputs:
+            return self.decide_batch([prompt], None if extras is None else np.atleast_2d(extras))[0]
+        return self._decision(self._probabilities_one(self.features(prompt)))
 
     def start(self, prompt: str) -> ProbeSession:
         """Open the answer-or-continue session of one request (probe controllers only).
