@@ -63,6 +63,9 @@ def main() -> None:
     from stable_baselines3 import PPO
 
     policy = BudgetPolicy.load(args.run / "policy")
+    if policy.features.prompt is None or policy.features.needs_hidden:
+        parser.error(f"this benchmark times prompt-text policies; {args.run} has {policy.features.name}")
+    prompt_spec = policy.features.prompt.spec
     run = RunDir(args.run)
     model = PPO.load(run.best_model, device="cpu")
     normalizer = pickle.loads(run.vecnormalize.read_bytes())
@@ -94,7 +97,7 @@ def main() -> None:
     distinct = iter([f"{i} {long_prompt}"[:500] for i in range(args.repeats * 2)])
     loop = _side_by_side(
         {
-            "features, original per-character loop": lambda text: reference_features(policy.features.spec, text),
+            "features, original per-character loop": lambda text: reference_features(prompt_spec, text),
             "features, same prompt repeated": policy.features,
         },
         [long_prompt],

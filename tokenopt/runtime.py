@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenopt.features import FeatureSpec, PromptFeatures
+from tokenopt.features import Features
 from tokenopt.probe import (
     ANSWER,
     CONTINUE,
@@ -185,7 +185,11 @@ class BudgetPolicy:
         self.policy_id = str(spec.get("policy_id", "policy"))
         self.actions: list[dict[str, object]] = list(spec["actions"])  # type: ignore[call-overload]
         self.answer_tokens = int(spec.get("answer_tokens", 9))  # type: ignore[call-overload]
-        self.features = PromptFeatures(FeatureSpec.from_dict(spec["feature_spec"]))  # type: ignore[arg-type]
+        try:
+            self.features = Features.from_dict(spec["feature_spec"], arrays)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise PolicyLoadError(f"feature spec mismatch: {error}") from None
+        """The policy's feature spec: ``prompt-text``, ``lm-hidden`` (needs ``hidden=``) or both."""
         normalization: dict[str, float] = spec["normalization"]  # type: ignore[assignment]
         self.clip = float(normalization["clip"])
         self.epsilon = float(normalization["epsilon"])
@@ -342,10 +346,6 @@ class BudgetPolicy:
                 f"({digest[:12]}... vs {str(spec.get('weights_sha256'))[:12]}...): the weights were changed"
             )
         try:
-            FeatureSpec.from_dict(spec["feature_spec"])
-        except (KeyError, ValueError) as error:
-            raise PolicyLoadError(f"{spec_path}: feature spec mismatch: {error}") from None
-        try:
             with np.load(weights_path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
         except (ValueError, OSError, EOFError) as error:  # e.g. an object array, which would need pickle
@@ -428,13 +428,21 @@ class BudgetPolicy:
             probabilities=probabilities,
         )
 
-    def decide_batch(self, prompts: list[str], extras: np.ndarray | None = None) -> list[Decision]:
+    def decide_batch(
+        self, prompts: list[str], extras: np.ndarray | None = None, hidden: np.ndarray | None = None
+    ) -> list[Decision]:
         """Decisions for many prompts at once.
+
+        Args:
+            prompts: the prompts (the question text, as the policy's prompt format reads it).
+            extras: inputs after the features, for policies that take them (stream policies).
+            hidden: (prompts, hidden size) the LM's hidden state of each prompt at prefill,
+                for policies whose features need it (``lm-hidden``); ignored otherwise.
 
         Raises:
             ValueError: the policy is a probe controller (its two outputs are answer or
                 continue at a checkpoint, not an action of the table: use :meth:`start`),
-                or needs extras.
+                needs extras, or needs ``hidden`` and it is missing or of the wrong shape.
         """
         if self.probe is not None:
             raise ValueError(
@@ -442,18 +450,32 @@ class BudgetPolicy:
                 "the probes, and does not pick a (budget, mode); call start(prompt) for a session and "
                 "report each probe to its observe()"
             )
-        observations = self.features.batch(prompts).astype(np.float64)
+        observations = self.features.batch(prompts, hidden).astype(np.float64)
         if self.extra_inputs:
             if extras is None:
                 raise ValueError(f"this policy also needs the inputs {self.extra_inputs} (pass extras)")
             observations = np.concatenate([observations, np.atleast_2d(extras)], axis=1)
         return [self._decision(row) for row in self.probabilities(observations)]
 
-    def decide(self, prompt: str, extras: np.ndarray | None = None) -> Decision:
-        """The decision for one prompt: its budget, mode and ``max_new_tokens``."""
+    def decide(self, prompt: str, extras: np.ndarray | None = None, hidden: np.ndarray | None = None) -> Decision:
+        """The decision for one prompt: its budget, mode and ``max_new_tokens``.
+
+        Args:
+            prompt: the prompt (the question text, as the policy's prompt format reads it).
+            extras: inputs after the features, for policies that take them.
+            hidden: the LM's hidden state of the prompt at prefill (a vector of the hidden
+                size), for policies whose features need it (``lm-hidden``).
+
+        Raises:
+            ValueError: as :meth:`decide_batch`.
+        """
         if self.probe is not None or self.extra_inputs:
-            return self.decide_batch([prompt], None if extras is None else np.atleast_2d(extras))[0]
-        return self._decision(self._probabilities_one(self.features(prompt)))
+            return self.decide_batch(
+                [prompt],
+                None if extras is None else np.atleast_2d(extras),
+                None if hidden is None else np.atleast_2d(hidden),
+            )[0]
+        return self._decision(self._probabilities_one(self.features(prompt, hidden)))
 
     def start(self, prompt: str) -> ProbeSession:
         """Open the answer-or-continue session of one request (probe controllers only).
@@ -466,6 +488,8 @@ class BudgetPolicy:
                 f"start() is for {PROBE_ENV_ID} controllers (`tokenopt train --env probe`); this policy was "
                 f"trained on {self.spec.get('env_id')!r} and picks a (budget, mode): call decide(prompt)"
             )
+        if self.features.needs_hidden:
+            raise ValueError(f"probe controllers take prompt-text features; this one has {self.features.name}")
         return ProbeSession(self, self.probe, self.features(prompt))
 
 
