@@ -32,7 +32,8 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
 
     ## Observation Space
     ``Box(0, float32 max, (feature_dim,), float32)``: the query's features from
-    :class:`tokenopt.PromptFeatures`.
+    :class:`tokenopt.PromptFeatures`; ``Box(float32 min, float32 max, ...)`` when some
+    feature is negative (the projected hidden state of ``lm-hidden`` features).
 
     ## Rewards
     ``EM - cost_weight * cost``, with ``cost`` from :class:`tokenopt.CostModel`
@@ -51,7 +52,8 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     - ``render_mode``: accepted as ``gymnasium.make`` passes it; nothing is rendered.
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version; since issue 13 the lower bound is float32 min when some
+      feature is negative (lm-hidden).
     """
 
     metadata = {"render_modes": []}
@@ -89,7 +91,9 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
             raise ValueError(f"unknown action_type {action_type!r}: expected discrete or multidiscrete")
         self.action_type = action_type
         dim = self.source.features.shape[1]
-        self.observation_space = spaces.Box(0.0, np.finfo(np.float32).max, shape=(dim,), dtype=np.float32)
+        limit = np.finfo(np.float32).max
+        low = 0.0 if (self.source.features >= 0).all() else -limit
+        self.observation_space = spaces.Box(low, limit, shape=(dim,), dtype=np.float32)
         self._query = 0
         self._cheapest = int(np.argmin([a.budget * 1000 + self.modes.index(a.mode) for a in self.actions]))
 

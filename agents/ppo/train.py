@@ -25,11 +25,13 @@ import torch
 import yaml
 
 from tokenopt.agents.common.callbacks import Predictor, validation_callback
+from tokenopt.agents.common.features import fit_table_features, save_run_features
 from tokenopt.agents.common.hyperparams import CONFIG_DIR, ENV_IDS, check_keys, load_config, split_hyperparams
 from tokenopt.agents.common.plots import log_figures
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.ppo.validators import budget_validator, probe_validator, stream_validator
 from tokenopt.cost import CostSettings
+from tokenopt.features import DEFAULT_HIDDEN_DIM, PROMPT_TEXT
 from tokenopt.table import OutcomeMatrix, ReplayTable, load_manifest
 
 __all__ = ["TrainConfig", "TrainResult", "config_field_names", "train"]
@@ -81,6 +83,10 @@ class TrainConfig(CostSettings):
     """Warm start: a run folder (actor, critic) or an exported policy folder (actor) to start from."""
     init_lr_scale: float = 0.3
     """With ``init_from``: the hidden layers' learning rate as a multiple of the output heads'."""
+    features: str = "prompt-text"
+    """Feature spec: prompt-text, lm-hidden or prompt-text+lm-hidden (lm-hidden: the table must record it)."""
+    hidden_dim: int = DEFAULT_HIDDEN_DIM
+    """With lm-hidden: principal components of the hidden state kept (the projection is fitted on train only)."""
 
 
 @dataclass
@@ -150,11 +156,15 @@ def train(
     for split in ("train", "val"):
         if not (matrix.splits == split).any():
             raise ValueError(f"{config.table} has no query in split {split!r}; training needs train and val queries")
+    if config.features != PROMPT_TEXT and config.env != "budget":
+        raise ValueError(f"--features {config.features} applies to --env budget; --env {config.env} takes prompt-text")
+    features, matrix = fit_table_features(config.features, matrix, dict(manifest), config.hidden_dim)
     run_dir = RunDir(config.out)
     run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
     resolved = asdict(config) | {"resolved_hyperparams": hyperparams, "env_id": env_id}
     run_dir.config.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     run_dir.command.write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
+    save_run_features(run_dir, features)
 
     torch.set_num_threads(config.threads)
     settings = split_hyperparams(hyperparams)

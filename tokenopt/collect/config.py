@@ -60,6 +60,12 @@ class CollectConfig:
     """Bearer token of the upstream (never written to the manifest)."""
     concurrency: int = 16
     """Requests in flight at once against the upstream."""
+    features: str = "prompt-text"
+    """Feature spec the table records: prompt-text (always recorded), lm-hidden or prompt-text+lm-hidden
+    (also the LM's hidden state of each prompt at prefill; on a table already collected, a prefill pass
+    fills in just that column, with no decoding)."""
+    hidden_layer: int | None = None
+    """With lm-hidden: the hidden state's layer (0: embeddings, i: block i's output); None: the middle block."""
 
     def prompt_format(self) -> PromptFormat:
         """The prompt format these settings describe.
