@@ -242,6 +242,10 @@ class BudgetPolicy:
                 self.prompt_format = PromptFormat.from_dict(spec["prompt_format"])
             except ValueError as error:
                 raise PolicyLoadError(str(error)) from None
+        self.fallback: dict[str, object] | None = spec.get("fallback")  # type: ignore[assignment]
+        """Set when the policy is ``tokenopt train``'s do-no-harm fallback to one fixed action (why, and which)."""
+        if self.fallback is not None and not isinstance(self.fallback, dict):
+            raise PolicyLoadError(f"'fallback' must be an object (action, verdict); got {type(self.fallback).__name__}")
         self.probe: ProbeSettings | None = None
         """The probe settings of a probe controller; None for a policy that picks (budget, mode)."""
         if spec.get("env_id") == PROBE_ENV_ID:
