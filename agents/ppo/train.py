@@ -150,6 +150,9 @@ def train(
         raise ValueError(f"escalate_mode applies to --env probe, not --env {config.env}")
     if escalate_mode is not None and not isinstance(escalate_mode, str):
         raise ValueError(f"escalate_mode must be a mode name such as beam3; got {escalate_mode!r}")
+    for key in ("reward_baseline", "pretrain_epochs"):
+        if hyperparams.get(key) not in (None, 0, "none") and config.env != "budget":
+            raise ValueError(f"{key} applies to --env budget, not --env {config.env}; set it to its default there")
     manifest = load_manifest(config.table)
     if matrix is None:
         matrix = OutcomeMatrix.from_table(config.table)
@@ -175,6 +178,7 @@ def train(
             "cost_weight": config.cost_weight,
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
+            **settings.env_kwargs,
         }
     elif config.em_floor is not None or config.token_target is not None:
         raise ValueError(f"--em-floor and --token-target apply to --env budget, not --env {config.env}")
@@ -217,6 +221,15 @@ def train(
     model.set_logger(configure(str(run_dir.tensorboard), ["tensorboard"]))
     val = matrix.subset("val")
     train_all = matrix.subset("train")
+    pretrain_record: dict[str, Any] | None = None
+    if settings.pretrain_epochs:
+        from tokenopt.agents.ppo.warm_start import pretrain_actor
+
+        pretrain_record = pretrain_actor(
+            model, vec_env, train_all, val, config.cost_model(), settings.pretrain_epochs,
+            settings.pretrain_temperature, settings.pretrain_lr, seed=config.seed,
+            baselines=vec_env.env_method("baselines", indices=0)[0], set_normalization=init_source is None,
+        )  # fmt: skip
     sample = np.random.default_rng(config.seed).permutation(len(train_all.ids))[: max(len(val.ids), 1)]
     train_sample = train_all.take(np.sort(sample))
     hparams = {
@@ -234,7 +247,10 @@ def train(
         validate = stream_validator(config, matrix)
     else:
         validate = probe_validator(config, replay, escalate_mode)
-    callback = validation_callback(config, run_dir, validate, vec_env, hparams, progress)
+    # A warm-started actor is validated before PPO moves it, so the best model is never worse than it.
+    callback = validation_callback(
+        config, run_dir, validate, vec_env, hparams, progress, validate_at_start=pretrain_record is not None
+    )
     model.learn(total_timesteps=total, callback=callback)
     best = callback.best_metrics
     if not best:
@@ -255,6 +271,7 @@ def train(
         "cost_weight": callback.cost_weight,
         "actions": manifest["actions"],
         "init_from": init_record,
+        "pretrain": pretrain_record,
     }
     run_dir.training.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     vec_env.close()
