@@ -51,6 +51,8 @@ TRAIN_OPTIONS = ConfigOptions(
         "hyperparams",
         "init_from",
         "init_lr_scale",
+        "features",
+        "hidden_dim",
     ),  # fmt: skip
     flags={
         "table": Flag(
