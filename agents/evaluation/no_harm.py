@@ -335,8 +335,8 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
     noise = oracle_noise(matrix, cost_model, "val", rewards[rows, chosen], seed=seed)
     references = {f"best fixed {verdict.fixed_action}": rewards[:, best_fixed_column(matrix, cost_model)],
                   "oracle": rewards.max(axis=1)}  # fmt: skip
-    if "greedy" in matrix.mode_names:
-        greedy = matrix.max_budget_greedy()
+    greedy = matrix.max_budget_greedy()
+    if "greedy" in matrix.mode_names and greedy != best_fixed_column(matrix, cost_model):
         references[f"max-budget greedy {matrix.actions[greedy]}"] = rewards[:, greedy]
     figures = split_figures(matrix, matrix.exact_match[rows, chosen], matrix.billed_tokens[rows, chosen], cost_model,
                             compare=references, seed=seed)  # fmt: skip
