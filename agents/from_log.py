@@ -658,6 +658,7 @@ def _export(
         out,
         actions=policy.actions,
         feature_spec=spec["feature_spec"],
+        feature_arrays=policy.features.arrays(),  # the lm-hidden projection, kept as it was
         clip=policy.clip,
         epsilon=policy.epsilon,
         answer_tokens=policy.answer_tokens,

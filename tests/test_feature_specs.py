@@ -158,3 +158,21 @@ def test_upstream_collection_refuses_lm_hidden(tmp_path, demo_questions):
     with pytest.raises(ValueError, match=r"--upstream server cannot return"):
         collect(config)
     assert not (Path(config.out) / "manifest.json").exists()
+
+
+def test_collect_records_lm_hidden_and_a_resumed_collection_keeps_it(tmp_path, demo_questions, demo_lm):
+    settings = {"out": str(tmp_path / "t"), "data": str(demo_questions), "budgets": [0, 4], "modes": ["greedy"]}
+    collect(CollectConfig(**settings, features="lm-hidden", hidden_layer=1, device="cpu"))
+    manifest = load_manifest(tmp_path / "t")
+    assert manifest["lm_hidden"] == {"model": "demo", "layer": 1, "size": demo_lm.hidden_size, "pooling": "mean"}
+    matrix = OutcomeMatrix.from_table(tmp_path / "t")
+    from tokenopt.agents.common.evaluation import query_questions
+
+    questions = query_questions(tmp_path / "t")
+    expected = demo_lm.prompt_hidden([demo_lm.encode_prompt(questions[q]) for q in matrix.ids[:5]], 1)
+    assert matrix.hidden is not None
+    np.testing.assert_allclose(matrix.hidden[:5], expected, rtol=1e-4, atol=1e-5)
+    # Run again with the table's settings and the default features: nothing recomputed, nothing lost.
+    collect(CollectConfig(**settings, device="cpu"))
+    assert load_manifest(tmp_path / "t")["lm_hidden"] == manifest["lm_hidden"]
+    np.testing.assert_array_equal(OutcomeMatrix.from_table(tmp_path / "t").hidden, matrix.hidden)

@@ -238,16 +238,24 @@ class BudgetPolicy:
             raise PolicyLoadError(
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
-        # The one-observation path (decide(), a server's batch of one): checked once by
-        # _check_network, then no validation or conversion per call; weights C-contiguous.
-        self._single = [
-            (
-                self._normalizers[index],
-                [(np.ascontiguousarray(weight), bias.copy(), activation) for weight, bias, activation in layers],
-            )
-            for layers, index in zip(self.members, self._member_normalizer, strict=True)
-        ]
+        self._single: list[tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray, str]]]] = []
         self._check_network(expected)
+        # The one-observation path (decide(), a server's batch of one): checked once by
+        # _check_network first, then no validation or conversion per call. The normalisation is
+        # folded into the first layer, clip((x - mean) * s, -c, c) @ W + b being
+        # clip(x, mean - c/s, mean + c/s) @ (s W) + (b - (mean s) @ W): two numpy calls
+        # fewer per decision, equal to the batch path up to rounding.
+        for layers, index in zip(self.members, self._member_normalizer, strict=True):
+            mean, inverse_std = self._normalizers[index]
+            (weight, bias, activation), rest = layers[0], layers[1:]
+            with np.errstate(all="ignore"):
+                low, high = mean - self.clip / inverse_std, mean + self.clip / inverse_std
+                first = (inverse_std[:, None] * weight, bias - (mean * inverse_std) @ weight, activation)
+            self._single.append((low, high, [first, *rest]))
+        try:
+            self._probabilities_one(np.zeros(expected))
+        except (ValueError, FloatingPointError) as error:
+            raise PolicyLoadError(f"the network cannot be evaluated: {error}") from None
         self.prompt_format: PromptFormat | None = None
         """The prompt format the policy's table was collected with; None in exports that predate it."""
         if "prompt_format" in spec:
@@ -365,7 +373,7 @@ class BudgetPolicy:
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
         raw = np.asarray(observations, dtype=np.float64)
-        if raw.ndim == 2 and raw.shape[0] == 1:
+        if raw.ndim == 2 and raw.shape[0] == 1 and self._single:
             return self._probabilities_one(raw[0])[None, :]
         normalized: dict[int, np.ndarray] = {}
         total: np.ndarray | None = None
@@ -395,17 +403,14 @@ class BudgetPolicy:
     def _probabilities_one(self, observation: np.ndarray) -> np.ndarray:
         """Action probabilities of one raw observation (a vector): the batch path without its overhead.
 
-        The same arithmetic as :meth:`probabilities` on a batch of one (a 1 x n matrix, so
-        the same BLAS call), hence the same bits.
+        The arithmetic of :meth:`probabilities` with the normalisation folded into the first
+        layer (see ``_single``): the same probabilities up to rounding.
         """
         total: np.ndarray | None = None
-        clip = self.clip
         row = observation[None, :]
-        for (mean, inverse_std), layers in self._single:
-            h = row - mean
-            h *= inverse_std
-            np.minimum(h, clip, out=h)  # np.clip's bounds, without its Python-level checks
-            np.maximum(h, -clip, out=h)
+        for low, high, layers in self._single:
+            h = np.maximum(row, low)
+            np.minimum(h, high, out=h)
             for weight, bias, activation in layers:
                 h = h @ weight
                 h += bias

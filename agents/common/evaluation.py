@@ -68,7 +68,9 @@ def check_policy_fits_table(
         )
     features = policy.features
     if features.prompt is not None:
-        policy_spec: dict[str, Any] = features.prompt.spec.to_dict()
+        recorded_spec: dict[str, Any] = dict(policy.spec.get("feature_spec") or {})  # type: ignore[call-overload]
+        # The prompt-text part as policy.json records it (the whole spec, or its prompt_text part).
+        policy_spec: dict[str, Any] = dict(recorded_spec.get("prompt_text", recorded_spec))
         table_spec: dict[str, Any] = dict(manifest["feature_spec"])
         if policy_spec != table_spec:
             keys = sorted(key for key in policy_spec | table_spec if policy_spec.get(key) != table_spec.get(key))
