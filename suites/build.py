@@ -2,10 +2,11 @@
 
     python -m suites.build NAME --out DIR [--questions N] [--steps N] [--batch-size N] [--threads N]
 
-writes ``DIR/questions.jsonl``, trains the LM into ``DIR/model`` (seeded: the same
-torch build and thread count give the same weights), then runs ``tokenopt collect``
-into ``DIR/table``. ``DIR/build.json`` records the commands, sizes and wall times.
-An existing model or table is reused unless ``--force`` is given.
+writes ``DIR/questions.jsonl``, puts the LM in ``DIR/model`` (a copy of the suite's
+committed checkpoint ``suites/NAME/model``, or with ``--retrain`` trained anew: seeded,
+so the same torch build and thread count give the same weights), then runs
+``tokenopt collect`` into ``DIR/table``. ``DIR/build.json`` records the commands,
+sizes and wall times. An existing model or table is reused unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ __all__ = ["build_suite", "collect_command", "main"]
 logger = logging.getLogger(__name__)
 
 _STAGES = ("questions", "model", "table")
+
+SUITES_DIR = Path(__file__).resolve().parent
+"""Where each suite's folder (and its committed checkpoint, ``<name>/model``) lives."""
 
 
 def collect_command(suite: Suite, questions: Path, model: Path, table: Path) -> list[str]:
@@ -69,6 +73,7 @@ def build_suite(
     force: bool = False,
     stages: str = "table",
     batch_size: int | None = None,
+    retrain: bool = False,
 ) -> dict[str, object]:
     """Write the question file, train the LM and collect the table of a suite.
 
@@ -81,6 +86,8 @@ def build_suite(
         force: rebuild a model or table that exists.
         stages: the last stage to run: ``questions``, ``model`` or ``table``.
         batch_size: examples per training step; the suite's default when None.
+        retrain: train the LM even where the suite has a committed checkpoint (a given
+            ``steps`` or ``batch_size`` retrains too).
 
     Raises:
         ValueError: an unknown stage.
@@ -107,7 +114,13 @@ def build_suite(
         return _write_record(out, record)
     if force and model.exists():
         shutil.rmtree(model)
+    committed = SUITES_DIR / suite.name / "model"
+    retrain = retrain or steps is not None or batch_size is not None or not (committed / "model.safetensors").is_file()
+    if not (model / "model.safetensors").is_file() and not retrain:
+        shutil.copytree(committed, model, dirs_exist_ok=True)
+        record["model_source"] = f"committed checkpoint suites/{suite.name}/model"
     if not (model / "model.safetensors").is_file():
+        record["model_source"] = "trained"
         started = time.perf_counter()
 
         def report(step: int, total: int, loss: float) -> None:
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the suite's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default 1)")
     parser.add_argument("--force", action="store_true", help="rebuild an existing model and table")
+    parser.add_argument("--retrain", action="store_true", help="train the LM instead of copying the committed one")
     parser.add_argument("--no-collect", action="store_true", help="stop after training the LM")
     parser.add_argument("--no-train", action="store_true", help="write the question file only")
     args = parser.parse_args(argv)
@@ -165,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         force=args.force,
         stages=stages,
         batch_size=args.batch_size,
+        retrain=args.retrain,
     )
     print(json.dumps({k: v for k, v in record.items() if k != "training"}, indent=2))
 
