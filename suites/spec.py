@@ -37,7 +37,7 @@ class Family:
     training_weight: float
     """Share of the LM's training examples."""
     role: str
-    """What reasoning does here: helps, wastes, hurts or nothing (documentation and tests)."""
+    """What reasoning does here as measured on the suite's LM: helps, wastes, hurts, nothing or mixed."""
 
 
 @dataclass(frozen=True)
