@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from tokenopt.agents.common.features import load_run_features
 from tokenopt.agents.common.hyperparams import activation_name
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.probe import PROBE_INPUTS
@@ -82,6 +83,7 @@ def export_policy(
     obs_count: float | None = None,
     probe: dict[str, object] | None = None,
     prompt_format: dict[str, object] | None = None,
+    feature_arrays: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``policy.json`` and ``policy.npz`` for one agent or an ensemble.
 
@@ -110,6 +112,8 @@ def export_policy(
             environment's observation; None for other policies.
         prompt_format: the prompt format the table was collected with
             (:meth:`tokenopt.prompt.PromptFormat.to_dict`): servers use it by default.
+        feature_arrays: the feature spec's arrays (:meth:`tokenopt.features.Features.arrays`:
+            the lm-hidden projection), stored in ``policy.npz`` under the names the spec gives.
 
     Returns:
         The policy folder.
@@ -126,6 +130,7 @@ def export_policy(
     arrays: dict[str, np.ndarray] = {
         "obs_mean": np.asarray(obs_mean, dtype=np.float64),
         "obs_var": np.asarray(obs_var, dtype=np.float64),
+        **(feature_arrays or {}),
     }
     member_specs = []
     for m, model in enumerate(members):
@@ -219,9 +224,11 @@ def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
     """The keyword arguments of :func:`export_policy` that come from a run's settings."""
     settings: dict[str, Any] = run.manifest["settings"]
     env = str(run.config.get("env", "budget"))
+    features = load_run_features(RunDir(run.run_dir), run.manifest)
     return {
         "actions": list(run.manifest["actions"]),
-        "feature_spec": run.manifest["feature_spec"],
+        "feature_spec": features.to_dict(),
+        "feature_arrays": features.arrays(),
         "clip": float(run.normalizer.clip_obs),
         "epsilon": float(run.normalizer.epsilon),
         "answer_tokens": int(settings.get("max_answer_tokens", 8)) + 1,

@@ -12,7 +12,11 @@ from gymnasium import spaces
 from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.envs.sources import OutcomeSource, TableSource
 
-__all__ = ["TokenBudgetEnv"]
+__all__ = ["REWARD_BASELINES", "TokenBudgetEnv"]
+
+REWARD_BASELINES = ("none", "mean", "best_fixed")
+"""Per-query baselines the training reward may subtract (``reward_baseline``): none, the query's mean
+reward over every action, or the reward on it of the action best on average over the split."""
 
 
 class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
@@ -32,15 +36,24 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
 
     ## Observation Space
     ``Box(0, float32 max, (feature_dim,), float32)``: the query's features from
-    :class:`tokenopt.PromptFeatures`.
+    :class:`tokenopt.PromptFeatures`; ``Box(float32 min, float32 max, ...)`` when some
+    feature is negative (the projected hidden state of ``lm-hidden`` features).
 
     ## Rewards
     ``EM - cost_weight * cost``, with ``cost`` from :class:`tokenopt.CostModel`
     (price per billed token, optional price per prompt token, a normaliser).
 
+    With ``reward_baseline`` ``mean`` or ``best_fixed`` (a source that knows every action's
+    outcome, such as a table), the reward is shaped: ``r(q, a) - b(q)``, where ``b(q)`` is the
+    query's mean reward over all actions, or the reward on ``q`` of the action with the best
+    mean reward over the split. ``b`` does not depend on the action, so for these one-step
+    episodes the policy gradient is unchanged in expectation (a baseline, Williams 1992) while
+    its variance drops: what the query's difficulty adds to every action is taken out. The
+    unshaped reward is in ``info["unshaped_reward"]``; validation and evaluation use it.
+
     ## Episode End
     After one step: ``terminated=True``. ``info`` has ``em``, ``billed_tokens``,
-    ``action`` (its name) and ``query_id``.
+    ``action`` (its name), ``query_id``, ``unshaped_reward`` and ``baseline`` (0 without shaping).
 
     ## Arguments
     - ``table``: an outcome-table folder, or ``source``: any :class:`OutcomeSource`.
@@ -48,10 +61,12 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     - ``cost_weight``, ``token_price``, ``prompt_token_price``, ``cost_normalizer``: the cost model.
     - ``action_type``: ``discrete`` or ``multidiscrete``.
     - ``budgets``, ``modes``: when given, the table must have exactly this action set.
+    - ``reward_baseline``: ``none`` (default), ``mean`` or ``best_fixed`` (see Rewards).
     - ``render_mode``: accepted as ``gymnasium.make`` passes it; nothing is rendered.
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version; later the lower bound became float32 min when some feature is
+      negative (lm-hidden), and ``reward_baseline`` was added (default ``none``: rewards unchanged).
     """
 
     metadata = {"render_modes": []}
@@ -69,6 +84,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         modes: list[str] | None = None,
         source: OutcomeSource | None = None,
         render_mode: str | None = None,
+        reward_baseline: str | None = None,
     ) -> None:
         self.render_mode = render_mode  # nothing to render; accepted as gymnasium.make passes it
         if (table is None) == (source is None):
@@ -89,9 +105,32 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
             raise ValueError(f"unknown action_type {action_type!r}: expected discrete or multidiscrete")
         self.action_type = action_type
         dim = self.source.features.shape[1]
-        self.observation_space = spaces.Box(0.0, np.finfo(np.float32).max, shape=(dim,), dtype=np.float32)
+        limit = np.finfo(np.float32).max
+        low = 0.0 if (self.source.features >= 0).all() else -limit
+        self.observation_space = spaces.Box(low, limit, shape=(dim,), dtype=np.float32)
         self._query = 0
         self._cheapest = int(np.argmin([a.budget * 1000 + self.modes.index(a.mode) for a in self.actions]))
+        self.reward_baseline = "none" if reward_baseline is None else str(reward_baseline)
+        if self.reward_baseline not in REWARD_BASELINES:
+            raise ValueError(
+                f"unknown reward_baseline {reward_baseline!r}: expected one of {', '.join(REWARD_BASELINES)}"
+            )
+        self._outcomes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._baselines: np.ndarray | None = None
+        if self.reward_baseline != "none":
+            known = [self.source.known_outcomes(q) for q in range(len(self.source.query_ids))]
+            if any(row is None for row in known):
+                raise ValueError(
+                    f"reward_baseline {self.reward_baseline!r} needs every action's outcome on every query, which "
+                    "this source does not know (the live LM runs one action at a time); use a collected table "
+                    "or reward_baseline 'none'"
+                )
+            rows = [row for row in known if row is not None]
+            self._outcomes = (
+                np.stack([row[0] for row in rows]).astype(np.float64),
+                np.stack([row[1] for row in rows]).astype(np.float64),
+                np.array([row[2] for row in rows], dtype=np.float64),
+            )
 
     @property
     def cost_weight(self) -> float:
@@ -103,6 +142,20 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         self.cost_model = CostModel(
             value, self.cost_model.token_price, self.cost_model.prompt_token_price, self.cost_model.normalizer
         )
+        self._baselines = None  # they depend on lambda
+
+    def baselines(self) -> np.ndarray:
+        """``b(q)`` of every query of the split under the current cost model (zeros without shaping)."""
+        if self._outcomes is None:
+            return np.zeros(len(self.source.query_ids))
+        if self._baselines is None:
+            exact, billed, prompt = self._outcomes
+            rewards = self.cost_model.reward(exact, billed, prompt[:, None])
+            if self.reward_baseline == "mean":
+                self._baselines = rewards.mean(axis=1)
+            else:
+                self._baselines = rewards[:, int(np.argmax(rewards.mean(axis=0)))]
+        return self._baselines
 
     def _action_index(self, action: Any) -> int:
         if self.action_type == "multidiscrete":
@@ -138,10 +191,13 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
             index = self._cheapest
         outcome = self.source.outcome(self._query, index)
         reward = float(self.cost_model.reward(outcome.exact_match, outcome.billed_tokens, outcome.prompt_tokens))
+        baseline = float(self.baselines()[self._query]) if self._outcomes is not None else 0.0
         info = {
             "em": outcome.exact_match,
             "billed_tokens": outcome.billed_tokens,
             "action": self.actions[index].name,
             "query_id": self.source.query_ids[self._query],
+            "unshaped_reward": reward,
+            "baseline": baseline,
         }
-        return self.source.features[self._query].copy(), reward, True, False, info
+        return self.source.features[self._query].copy(), reward - baseline, True, False, info

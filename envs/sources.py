@@ -53,6 +53,13 @@ class OutcomeSource(Protocol):
         """Billed tokens of every action on query row ``query`` when known without running the LM, else None."""
         ...
 
+    def known_outcomes(self, query: int) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """Every action's exact match and billed tokens on query row ``query``, and its prompt tokens.
+
+        None when unknown without running the LM (a live source).
+        """
+        ...
+
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
@@ -132,6 +139,10 @@ class TableSource:
         """The recorded billed tokens of every action."""
         return self.matrix.billed_tokens[query]
 
+    def known_outcomes(self, query: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """The recorded exact match and billed tokens of every action, and the prompt tokens."""
+        return self.matrix.exact_match[query], self.matrix.billed_tokens[query], float(self.matrix.prompt_tokens[query])
+
 
 class LiveLMSource:
     """Outcomes from running the LM when an action is taken (online).
@@ -191,4 +202,8 @@ class LiveLMSource:
 
     def known_costs(self, query: int) -> None:
         """Unknown until the LM runs: an action's bill depends on what it generates."""
+        return None
+
+    def known_outcomes(self, query: int) -> None:
+        """Unknown until the LM runs each action."""
         return None

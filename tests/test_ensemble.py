@@ -16,6 +16,7 @@ from tokenopt.agents.export import export_ensemble, export_run
 from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.agents.ppo.warm_start import layerwise_lr_algo, layerwise_optimizer, load_init_source, warm_start
 from tokenopt.cli import app
+from tokenopt.cost import CostModel
 from tokenopt.runtime import FORMAT_VERSION, BudgetPolicy, PolicyLoadError
 from tokenopt.table import OutcomeMatrix, load_manifest
 
@@ -78,6 +79,15 @@ def test_cli_trains_the_seeds_and_reports_the_ensemble(seed_runs, demo_table):
         assert report["mean_single"][key] == pytest.approx(mean, abs=1e-12), key
     assert report["best_single"] == max(report["singles"], key=lambda single: single["reward"])["policy"]
     assert "| ensemble |" in result.output and "| seed 4 |" in result.output
+    # with 95% intervals over the test queries, and the paired difference to the best fixed action
+    test = OutcomeMatrix.from_table(demo_table).subset("test")
+    best_fixed = float(test.rewards(CostModel(report["cost_weight"])).mean(axis=0).max())
+    for entry in [*report["singles"], report["ensemble"]]:
+        for key in ("em", "tokens", "reward", "gap_recovered"):
+            low, high = entry["ci"][key]
+            assert low - 1e-9 <= entry[key] <= high + 1e-9 and low < high, (entry["policy"], key)
+        assert entry["reward"] - entry["reward_minus_best_fixed"][0] == pytest.approx(best_fixed, abs=1e-9)
+    assert f"| reward minus best fixed {report['best_fixed_action']} |" in result.output
 
 
 def test_ensemble_probabilities_are_the_mean_of_its_members(seed_runs, questions):

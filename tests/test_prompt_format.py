@@ -90,3 +90,20 @@ def test_a_prompt_flag_that_conflicts_with_the_policy_is_refused_unless_forced(t
     assert forced.state.tokenopt.config.prompt_template == "{question}"
     agreeing = create_app(ServeConfig(**base, prompt_template=TEMPLATE, answer_cue="="))
     assert agreeing.state.tokenopt.config.prompt_template == TEMPLATE
+
+
+def test_a_system_prompt_is_recorded_and_needs_the_chat_template():
+    fmt = PromptFormat(template="{question}", use_chat_template=True, system_prompt="Answer briefly.")
+    assert PromptFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+    assert fmt.chat_messages("2+2?") == [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "2+2?"},
+    ]
+    assert PromptFormat(use_chat_template=True).chat_messages("2+2?") == [{"role": "user", "content": "2+2?"}]
+    # a record written before system prompts existed still loads
+    old = {k: v for k, v in PromptFormat().to_dict().items() if k != "system_prompt"}
+    assert PromptFormat.from_dict(old).system_prompt is None
+    with pytest.raises(ValueError, match="chat template"):
+        PromptFormat(system_prompt="Answer briefly.")
+    with pytest.raises(ValueError, match="system_prompt"):
+        PromptFormat.from_dict(fmt.to_dict() | {"system_prompt": 3})

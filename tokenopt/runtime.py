@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenopt.features import FeatureSpec, PromptFeatures
+from tokenopt.features import Features
 from tokenopt.probe import (
     ANSWER,
     CONTINUE,
@@ -185,7 +185,11 @@ class BudgetPolicy:
         self.policy_id = str(spec.get("policy_id", "policy"))
         self.actions: list[dict[str, object]] = list(spec["actions"])  # type: ignore[call-overload]
         self.answer_tokens = int(spec.get("answer_tokens", 9))  # type: ignore[call-overload]
-        self.features = PromptFeatures(FeatureSpec.from_dict(spec["feature_spec"]))  # type: ignore[arg-type]
+        try:
+            self.features = Features.from_dict(spec["feature_spec"], arrays)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise PolicyLoadError(f"feature spec mismatch: {error}") from None
+        """The policy's feature spec: ``prompt-text``, ``lm-hidden`` (needs ``hidden=``) or both."""
         normalization: dict[str, float] = spec["normalization"]  # type: ignore[assignment]
         self.clip = float(normalization["clip"])
         self.epsilon = float(normalization["epsilon"])
@@ -234,6 +238,15 @@ class BudgetPolicy:
             raise PolicyLoadError(
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
+        # The one-observation path (decide(), a server's batch of one): checked once by
+        # _check_network, then no validation or conversion per call; weights C-contiguous.
+        self._single = [
+            (
+                self._normalizers[index],
+                [(np.ascontiguousarray(weight), bias.copy(), activation) for weight, bias, activation in layers],
+            )
+            for layers, index in zip(self.members, self._member_normalizer, strict=True)
+        ]
         self._check_network(expected)
         self.prompt_format: PromptFormat | None = None
         """The prompt format the policy's table was collected with; None in exports that predate it."""
@@ -242,6 +255,10 @@ class BudgetPolicy:
                 self.prompt_format = PromptFormat.from_dict(spec["prompt_format"])
             except ValueError as error:
                 raise PolicyLoadError(str(error)) from None
+        self.fallback: dict[str, object] | None = spec.get("fallback")  # type: ignore[assignment]
+        """Set when the policy is ``tokenopt train``'s do-no-harm fallback to one fixed action (why, and which)."""
+        if self.fallback is not None and not isinstance(self.fallback, dict):
+            raise PolicyLoadError(f"'fallback' must be an object (action, verdict); got {type(self.fallback).__name__}")
         self.probe: ProbeSettings | None = None
         """The probe settings of a probe controller; None for a policy that picks (budget, mode)."""
         if spec.get("env_id") == PROBE_ENV_ID:
@@ -333,10 +350,6 @@ class BudgetPolicy:
                 f"({digest[:12]}... vs {str(spec.get('weights_sha256'))[:12]}...): the weights were changed"
             )
         try:
-            FeatureSpec.from_dict(spec["feature_spec"])
-        except (KeyError, ValueError) as error:
-            raise PolicyLoadError(f"{spec_path}: feature spec mismatch: {error}") from None
-        try:
             with np.load(weights_path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
         except (ValueError, OSError, EOFError) as error:  # e.g. an object array, which would need pickle
@@ -352,6 +365,8 @@ class BudgetPolicy:
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
         raw = np.asarray(observations, dtype=np.float64)
+        if raw.ndim == 2 and raw.shape[0] == 1:
+            return self._probabilities_one(raw[0])[None, :]
         normalized: dict[int, np.ndarray] = {}
         total: np.ndarray | None = None
         for layers, index in zip(self.members, self._member_normalizer, strict=True):
@@ -377,6 +392,34 @@ class BudgetPolicy:
         assert total is not None
         return total / len(self.members) if len(self.members) > 1 else total
 
+    def _probabilities_one(self, observation: np.ndarray) -> np.ndarray:
+        """Action probabilities of one raw observation (a vector): the batch path without its overhead.
+
+        The same arithmetic as :meth:`probabilities` on a batch of one (a 1 x n matrix, so
+        the same BLAS call), hence the same bits.
+        """
+        total: np.ndarray | None = None
+        clip = self.clip
+        row = observation[None, :]
+        for (mean, inverse_std), layers in self._single:
+            h = row - mean
+            h *= inverse_std
+            np.minimum(h, clip, out=h)  # np.clip's bounds, without its Python-level checks
+            np.maximum(h, -clip, out=h)
+            for weight, bias, activation in layers:
+                h = h @ weight
+                h += bias
+                if activation == "tanh":
+                    np.tanh(h, out=h)
+                elif activation == "relu":
+                    np.maximum(h, 0.0, out=h)
+            h -= h.max()
+            np.exp(h, out=h)
+            h /= h.sum()
+            total = h if total is None else total + h
+        assert total is not None
+        return (total / len(self._single) if len(self._single) > 1 else total)[0]
+
     def _decision(self, probabilities: np.ndarray) -> Decision:
         index = int(np.argmax(probabilities))
         action = self.actions[index]
@@ -389,13 +432,21 @@ class BudgetPolicy:
             probabilities=probabilities,
         )
 
-    def decide_batch(self, prompts: list[str], extras: np.ndarray | None = None) -> list[Decision]:
+    def decide_batch(
+        self, prompts: list[str], extras: np.ndarray | None = None, hidden: np.ndarray | None = None
+    ) -> list[Decision]:
         """Decisions for many prompts at once.
+
+        Args:
+            prompts: the prompts (the question text, as the policy's prompt format reads it).
+            extras: inputs after the features, for policies that take them (stream policies).
+            hidden: (prompts, hidden size) the LM's hidden state of each prompt at prefill,
+                for policies whose features need it (``lm-hidden``); ignored otherwise.
 
         Raises:
             ValueError: the policy is a probe controller (its two outputs are answer or
                 continue at a checkpoint, not an action of the table: use :meth:`start`),
-                or needs extras.
+                needs extras, or needs ``hidden`` and it is missing or of the wrong shape.
         """
         if self.probe is not None:
             raise ValueError(
@@ -403,16 +454,32 @@ class BudgetPolicy:
                 "the probes, and does not pick a (budget, mode); call start(prompt) for a session and "
                 "report each probe to its observe()"
             )
-        observations = self.features.batch(prompts).astype(np.float64)
+        observations = self.features.batch(prompts, hidden).astype(np.float64)
         if self.extra_inputs:
             if extras is None:
                 raise ValueError(f"this policy also needs the inputs {self.extra_inputs} (pass extras)")
             observations = np.concatenate([observations, np.atleast_2d(extras)], axis=1)
         return [self._decision(row) for row in self.probabilities(observations)]
 
-    def decide(self, prompt: str, extras: np.ndarray | None = None) -> Decision:
-        """The decision for one prompt: its budget, mode and ``max_new_tokens``."""
-        return self.decide_batch([prompt], None if extras is None else np.atleast_2d(extras))[0]
+    def decide(self, prompt: str, extras: np.ndarray | None = None, hidden: np.ndarray | None = None) -> Decision:
+        """The decision for one prompt: its budget, mode and ``max_new_tokens``.
+
+        Args:
+            prompt: the prompt (the question text, as the policy's prompt format reads it).
+            extras: inputs after the features, for policies that take them.
+            hidden: the LM's hidden state of the prompt at prefill (a vector of the hidden
+                size), for policies whose features need it (``lm-hidden``).
+
+        Raises:
+            ValueError: as :meth:`decide_batch`.
+        """
+        if self.probe is not None or self.extra_inputs:
+            return self.decide_batch(
+                [prompt],
+                None if extras is None else np.atleast_2d(extras),
+                None if hidden is None else np.atleast_2d(hidden),
+            )[0]
+        return self._decision(self._probabilities_one(self.features(prompt, hidden)))
 
     def start(self, prompt: str) -> ProbeSession:
         """Open the answer-or-continue session of one request (probe controllers only).
@@ -425,6 +492,8 @@ class BudgetPolicy:
                 f"start() is for {PROBE_ENV_ID} controllers (`tokenopt train --env probe`); this policy was "
                 f"trained on {self.spec.get('env_id')!r} and picks a (budget, mode): call decide(prompt)"
             )
+        if self.features.needs_hidden:
+            raise ValueError(f"probe controllers take prompt-text features; this one has {self.features.name}")
         return ProbeSession(self, self.probe, self.features(prompt))
 
 

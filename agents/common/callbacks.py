@@ -44,6 +44,7 @@ def validation_callback(
     vec_env: Any,
     hparams: dict[str, Any],
     progress: Callable[[int, int, dict[str, float]], None] | None,
+    validate_at_start: bool = False,
 ) -> Any:
     """The callback that validates every ``eval_freq`` steps, adapts lambda, keeps the best model and stops early.
 
@@ -54,6 +55,8 @@ def validation_callback(
         vec_env: the training VecNormalize (its statistics are saved with the model; lambda is set on it).
         hparams: what TensorBoard's HParams tab shows.
         progress: called after every validation with (steps, 0, metrics).
+        validate_at_start: validate (and keep as the best so far) the model as training
+            starts, e.g. an actor warm-started by classification.
     """
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.logger import HParam
@@ -73,6 +76,8 @@ def validation_callback(
         def _on_training_start(self) -> None:
             metrics = {"eval/reward": 0.0, "eval/em": 0.0, "eval/tokens": 0.0, "eval/gap_recovered": 0.0}
             self.logger.record("hparams", HParam(hparams, metrics), exclude=("stdout", "log", "json", "csv"))
+            if validate_at_start:
+                self._validate()
 
         def _score(self, metrics: dict[str, float]) -> float:
             if config.em_floor is not None:
@@ -100,6 +105,9 @@ def validation_callback(
         def _on_step(self) -> bool:
             if self.num_timesteps - self.last_eval < config.eval_freq:
                 return True
+            return self._validate()
+
+        def _validate(self) -> bool:
             self.last_eval = self.num_timesteps
             metrics, train_metrics = validate(self.model, vec_env)
             for key in ("em", "tokens", "reward", "gap_recovered"):

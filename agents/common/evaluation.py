@@ -66,11 +66,24 @@ def check_policy_fits_table(
             f"{where}: the policy's action table {policy_actions} differs from the table's {table_actions} ({detail}); "
             "compare policies trained on this table"
         )
-    policy_spec: dict[str, Any] = dict(policy.spec.get("feature_spec") or {})  # type: ignore[call-overload]
-    table_spec: dict[str, Any] = dict(manifest["feature_spec"])
-    if policy_spec != table_spec:
-        keys = sorted(key for key in policy_spec | table_spec if policy_spec.get(key) != table_spec.get(key))
-        raise ValueError(f"{where}: the policy's feature spec differs from the table's in {keys}")
+    features = policy.features
+    if features.prompt is not None:
+        policy_spec: dict[str, Any] = features.prompt.spec.to_dict()
+        table_spec: dict[str, Any] = dict(manifest["feature_spec"])
+        if policy_spec != table_spec:
+            keys = sorted(key for key in policy_spec | table_spec if policy_spec.get(key) != table_spec.get(key))
+            raise ValueError(f"{where}: the policy's feature spec differs from the table's in {keys}")
+    if features.source is not None:
+        recorded = manifest.get("lm_hidden")
+        if recorded is None:
+            raise ValueError(
+                f"{where}: the policy's features ({features.name}) need the LM's hidden states, which the table has "
+                "not recorded; add them with `tokenopt add-features TABLE --features lm-hidden`"
+            )
+        if dict(recorded) != features.source.to_dict():
+            raise ValueError(
+                f"{where}: the policy reads the hidden state {features.source.to_dict()}; the table recorded {recorded}"
+            )
     if probe_controller:
         if policy.probe is None:
             raise ValueError(
@@ -98,7 +111,12 @@ def policy_choices(policy: BudgetPolicy, matrix: OutcomeMatrix, questions: dict[
     missing = [query_id for query_id in matrix.ids if query_id not in questions]
     if missing:
         raise ValueError(f"{len(missing)} queries have no question in queries.parquet, e.g. {missing[0]!r}")
-    decisions = policy.decide_batch([questions[query_id] for query_id in matrix.ids])
+    hidden = None
+    if policy.features.needs_hidden:
+        if matrix.hidden is None:
+            raise ValueError(f"the policy's features ({policy.features.name}) need the table's recorded hidden states")
+        hidden = matrix.hidden  # what the LM computed at prefill, as a local server computes it
+    decisions = policy.decide_batch([questions[query_id] for query_id in matrix.ids], hidden=hidden)
     column = {name: j for j, name in enumerate(matrix.actions)}
     unknown = sorted({d.action for d in decisions} - set(column))
     if unknown:

@@ -48,11 +48,16 @@ PPO_KEYS = {
     "vf_coef", "max_grad_norm", "target_kl",
 }  # fmt: skip
 """Keys passed to PPO's constructor."""
-RUN_KEYS = {"n_timesteps", "n_envs", "normalize", "policy_kwargs", "policy"}
-"""Keys that set up the run around PPO."""
-ENV_KEYS = {"escalate_mode"}
+RUN_KEYS = {
+    "n_timesteps", "n_envs", "normalize", "policy_kwargs", "policy", "pretrain_epochs", "pretrain_temperature",
+    "pretrain_lr",
+}  # fmt: skip
+"""Keys that set up the run around PPO (``pretrain_*``: the actor's warm start by classification on the
+table, :func:`tokenopt.agents.ppo.warm_start.pretrain_actor`; ``--env budget`` only)."""
+ENV_KEYS = {"escalate_mode", "reward_baseline"}
 """Environment arguments accepted beside the hyperparameters, as RL Zoo's ``env_kwargs``:
-``escalate_mode`` (``--env probe`` only) gives TokenBudgetProbe-v0 its escalate action."""
+``escalate_mode`` (``--env probe`` only) gives TokenBudgetProbe-v0 its escalate action;
+``reward_baseline`` (``--env budget`` only) shapes TokenBudget-v0's training reward."""
 
 
 def activation_name(module: torch.nn.Module) -> str | None:
@@ -131,6 +136,12 @@ class Hyperparams:
     """Environment steps when the command line gives none."""
     normalize: bool = True
     """VecNormalize on observations."""
+    pretrain_epochs: int = 0
+    """Epochs of the actor's warm start by classification on the table (0: none)."""
+    pretrain_temperature: float = 0.05
+    """Temperature of the softmax over each train query's action rewards (the classification targets)."""
+    pretrain_lr: float = 1e-3
+    """Adam learning rate of that warm start."""
 
 
 def split_hyperparams(hyperparams: dict[str, Any]) -> Hyperparams:
@@ -140,7 +151,19 @@ def split_hyperparams(hyperparams: dict[str, Any]) -> Hyperparams:
     n_envs = int(settings.pop("n_envs", 8))
     n_timesteps = int(settings.pop("n_timesteps", 60000))
     normalize = bool(settings.pop("normalize", True))
+    pretrain_epochs = int(settings.pop("pretrain_epochs", 0))
+    pretrain_temperature = float(settings.pop("pretrain_temperature", 0.05))
+    pretrain_lr = float(settings.pop("pretrain_lr", 1e-3))
+    if pretrain_epochs < 0:
+        raise ValueError(f"pretrain_epochs must be >= 0 (0: no warm start by classification); got {pretrain_epochs}")
+    if not pretrain_temperature > 0:
+        raise ValueError(f"pretrain_temperature must be > 0 (a reward scale, e.g. 0.05); got {pretrain_temperature}")
+    if not pretrain_lr > 0:
+        raise ValueError(f"pretrain_lr must be > 0, e.g. 1e-3; got {pretrain_lr}")
     kwargs = policy_kwargs(settings.pop("policy_kwargs", {}))
     settings.pop("policy", None)
     ppo_kwargs: dict[str, Callable[[float], float] | Any] = {key: schedule(value) for key, value in settings.items()}
-    return Hyperparams(ppo_kwargs, kwargs, env_kwargs, n_envs, n_timesteps, normalize)
+    return Hyperparams(
+        ppo_kwargs, kwargs, env_kwargs, n_envs, n_timesteps, normalize, pretrain_epochs, pretrain_temperature,
+        pretrain_lr,
+    )  # fmt: skip

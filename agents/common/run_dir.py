@@ -51,6 +51,16 @@ class RunDir:
         return self.checkpoints / "vecnormalize.pkl"
 
     @property
+    def feature_spec(self) -> Path:
+        """``features.json``: the feature spec fitted on the train split (``--features`` other than prompt-text)."""
+        return self.path / "features.json"
+
+    @property
+    def feature_arrays(self) -> Path:
+        """``features.npz``: the fitted spec's arrays (the lm-hidden projection), plain arrays."""
+        return self.path / "features.npz"
+
+    @property
     def tensorboard(self) -> Path:
         """``tb/``: TensorBoard event files."""
         return self.path / "tb"

@@ -14,9 +14,12 @@ import numpy as np
 __all__ = [
     "POWER",
     "TestResult",
+    "BootstrapInterval",
+    "bootstrap_intervals",
     "normal_cdf",
     "normal_quantile",
     "paired_bootstrap_lower_bound",
+    "paired_bootstrap_means",
     "regularized_incomplete_beta",
     "sample_size_two_proportions",
     "student_t_cdf",
@@ -241,6 +244,38 @@ def sample_size_two_proportions(p_a: float, p_b: float, alpha: float, power: flo
 # --- the paired bootstrap ------------------------------------------------------------------------------------------
 
 
+def paired_bootstrap_means(values: np.ndarray, resamples: int, seed: int, chunk: int = 256) -> np.ndarray:
+    """Means of query resamples, the same resampled query indices for every row (a paired bootstrap).
+
+    Args:
+        values: per-query values, shape ``(queries,)`` or ``(rows, queries)``; every row
+            is resampled with the same indices, so differences and ratios of rows stay paired.
+        resamples: number of bootstrap resamples.
+        seed: seed of the resampling (numpy's default generator).
+        chunk: resamples drawn at once (bounds memory to ``chunk * queries`` indices).
+
+    Returns:
+        The resampled means, shape ``(resamples,)`` or ``(resamples, rows)``.
+
+    Raises:
+        ValueError: no queries, or fewer than one resample.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    table = np.atleast_2d(array)
+    queries = table.shape[1]
+    if queries == 0:
+        raise ValueError("the bootstrap needs at least one query")
+    if resamples < 1:
+        raise ValueError(f"the bootstrap needs at least one resample; got {resamples}")
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, table.shape[0]))
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        indices = rng.integers(0, queries, size=(stop - start, queries))
+        means[start:stop] = table[:, indices].mean(axis=2).T
+    return means[:, 0] if array.ndim == 1 else means
+
+
 def paired_bootstrap_lower_bound(
     differences: np.ndarray, confidence: float, resamples: int, seed: int, chunk: int = 256
 ) -> tuple[float, float]:
@@ -263,13 +298,83 @@ def paired_bootstrap_lower_bound(
     Raises:
         ValueError: no differences.
     """
-    values = np.asarray(differences, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("the bootstrap needs at least one query")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        indices = rng.integers(0, values.size, size=(stop - start, values.size))
-        means[start:stop] = values[indices].mean(axis=1)
+    means = paired_bootstrap_means(np.asarray(differences, dtype=np.float64).ravel(), resamples, seed, chunk)
     return float(np.quantile(means, 1.0 - confidence)), float(np.quantile(means, confidence))
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A statistic on a split and its two-sided percentile interval over query resamples."""
+
+    value: float
+    """The statistic on the split itself."""
+    low: float
+    high: float
+
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width: the noise of the statistic on this split."""
+        return (self.high - self.low) / 2.0
+
+    def excludes_zero(self) -> bool:
+        """Whether the whole interval lies above or below 0."""
+        return self.low > 0.0 or self.high < 0.0
+
+    def to_list(self) -> list[float]:
+        """``[low, high]``, for JSON."""
+        return [self.low, self.high]
+
+
+def bootstrap_intervals(
+    columns: dict[str, np.ndarray],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+    ratios: dict[str, tuple[str, str]] | None = None,
+) -> dict[str, BootstrapInterval]:
+    """Two-sided percentile intervals of the means of paired per-query columns (and ratios of them).
+
+    Every column is resampled with the same query indices, so an interval of a
+    difference column (policy minus baseline, per query) is a paired comparison, and a
+    ratio of two means (gap recovered) is resampled as one statistic.
+
+    Args:
+        columns: name -> per-query values, all of one length.
+        confidence: two-sided level, e.g. 0.95 for the 2.5% and 97.5% quantiles.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling.
+        ratios: name -> (numerator column, denominator column): the ratio of their
+            means; a resample whose denominator is 0 is left out of the quantiles.
+
+    Returns:
+        One interval per column and ratio.
+
+    Raises:
+        ValueError: no columns, columns of different lengths, or a bad confidence.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}")
+    if not columns:
+        raise ValueError("bootstrap_intervals needs at least one column")
+    names = list(columns)
+    lengths = {name: np.asarray(columns[name]).shape for name in names}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"columns must all hold one value per query; got shapes {lengths}")
+    table = np.stack([np.asarray(columns[name], dtype=np.float64) for name in names])
+    means = paired_bootstrap_means(table, resamples, seed)
+    tail = (1.0 - confidence) / 2.0
+    out: dict[str, BootstrapInterval] = {}
+    for k, name in enumerate(names):
+        low, high = np.quantile(means[:, k], [tail, 1.0 - tail])
+        out[name] = BootstrapInterval(float(table[k].mean()), float(low), float(high))
+    for name, (top, bottom) in (ratios or {}).items():
+        numerator, denominator = means[:, names.index(top)], means[:, names.index(bottom)]
+        valid = np.abs(denominator) > 1e-12
+        full_bottom = float(table[names.index(bottom)].mean())
+        value = float(table[names.index(top)].mean()) / full_bottom if abs(full_bottom) > 1e-12 else math.nan
+        if valid.any():
+            low, high = np.quantile(numerator[valid] / denominator[valid], [tail, 1.0 - tail])
+        else:
+            low = high = math.nan
+        out[name] = BootstrapInterval(value, float(low), float(high))
+    return out

@@ -266,7 +266,7 @@ def _probe_ladders(replay: ReplayTable) -> dict[str, list[int]]:
     ladders = {}
     for mode in replay.mode_names:
         full = replay.ladder(mode)
-        ladders[f"{mode}, from b0"] = full
+        ladders[f"{mode}, from b{replay.budgets[full[0]]}"] = full
         if replay.budgets[full[0]] == 0 and len(full) > 2:
             ladders[f"{mode}, from b{replay.budgets[full[1]]}"] = full[1:]
     return ladders

@@ -8,6 +8,11 @@ confidence bound on the mean reward gain of NEW over OLD (Efron & Tibshirani,
 *An Introduction to the Bootstrap*, 1993, ch. 13). NEW passes when that bound is
 no worse than ``-reward_margin`` and its EM is at most ``max_em_drop`` points
 below OLD's.
+
+The gate also applies ``tokenopt train``'s do-no-harm rule
+(:func:`tokenopt.agents.evaluation.no_harm.no_harm_verdict`): a learned NEW passes only
+if it beats the best fixed action (picked on the val split) beyond the noise on the
+compared split; a fallback policy (which is that constant) passes the rule as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from tokenopt.agents.common.evaluation import check_policy_fits_table, policy_choices, query_questions
 from tokenopt.agents.common.statistics import paired_bootstrap_lower_bound
+from tokenopt.agents.evaluation.no_harm import best_fixed_column, no_harm_verdict
 from tokenopt.cost import CostSettings
 from tokenopt.runtime import BudgetPolicy
 from tokenopt.table import OutcomeMatrix, load_manifest
@@ -53,6 +59,8 @@ class GateConfig(CostSettings):
     """Bootstrap resamples."""
     seed: int = 0
     """Seed of the bootstrap."""
+    beat_fixed: bool = True
+    """Do no harm: a learned NEW must also beat the best fixed action (picked on val) beyond the noise."""
 
     def validate(self) -> None:
         """Check the settings.
@@ -108,6 +116,8 @@ class GateResult:
     max_em_drop: float
     passed: bool
     reasons: list[str]
+    no_harm: dict[str, Any] | None = None
+    """The do-no-harm rule's verdict on NEW (None when not applied: ``--no-beat-fixed`` or NEW is a fallback)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data."""
@@ -148,6 +158,8 @@ def run_gate(new: str | Path, old: str | Path, config: GateConfig) -> GateResult
     scores: dict[str, PolicyScore] = {}
     for label, path in (("NEW", new), ("OLD", old)):
         chosen = policy_choices(policies[label], matrix, questions)
+        if label == "NEW":
+            chosen_new = chosen
         per_query[label] = rewards[rows, chosen]
         names, counts = np.unique(chosen, return_counts=True)
         scores[label] = PolicyScore(
@@ -174,6 +186,25 @@ def run_gate(new: str | Path, old: str | Path, config: GateConfig) -> GateResult
         f"EM: NEW - OLD is {em_diff:+.2f} points, {'within' if em_ok else 'beyond'} the allowed drop of "
         f"{config.max_em_drop:g} points"
     )
+    no_harm: dict[str, Any] | None = None
+    harm_ok = True
+    if config.beat_fixed and policies["NEW"].fallback is not None:
+        reasons.append(
+            f"do no harm: NEW is a fallback to the fixed action {policies['NEW'].fallback.get('action')}, "
+            "which the rule allows as it is"
+        )
+    elif config.beat_fixed:
+        full = OutcomeMatrix.from_table(config.table)
+        picked_on = "val" if (full.splits == "val").any() else config.split
+        fixed = best_fixed_column(full.subset(picked_on), cost_model)
+        verdict = no_harm_verdict(matrix, chosen_new, cost_model, config.split, config.seed, config.resamples,
+                                  fixed_column=fixed, confidence=config.confidence)  # fmt: skip
+        no_harm = verdict.to_dict() | {"fixed_picked_on": picked_on}
+        harm_ok = verdict.beats_fixed
+        reasons.append(
+            f"do no harm ({'passed' if harm_ok else 'failed'}; fixed action picked on {picked_on}): {verdict.reason}"
+            + ("" if harm_ok else "; ship its fallback (`tokenopt train` exports one) or pass --no-beat-fixed")
+        )
     return GateResult(
         new=scores["NEW"],
         old=scores["OLD"],
@@ -190,8 +221,9 @@ def run_gate(new: str | Path, old: str | Path, config: GateConfig) -> GateResult
         seed=config.seed,
         reward_margin=config.reward_margin,
         max_em_drop=config.max_em_drop,
-        passed=reward_ok and em_ok,
+        passed=reward_ok and em_ok and harm_ok,
         reasons=reasons,
+        no_harm=no_harm,
     )
 
 

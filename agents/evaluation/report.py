@@ -8,8 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from tokenopt.agents.common.evaluation import EvaluationRow, evaluate_policy
+from tokenopt.agents.common.evaluation import EvaluationRow, evaluate_policy, policy_choices, query_questions
+from tokenopt.agents.evaluation.no_harm import best_fixed_column, split_figures
 from tokenopt.cost import CostModel
+from tokenopt.runtime import BudgetPolicy
+from tokenopt.table import OutcomeMatrix
 
 __all__ = ["format_seed_report", "format_table", "save_report", "seed_report"]
 
@@ -42,18 +45,30 @@ def seed_report(
     Returns:
         ``{"split", "queries", "cost_weight", "best_fixed_action", "singles", "mean_single",
         "best_single", "ensemble"}``; every policy entry has ``em``, ``tokens``, ``reward``
-        and ``gap_recovered``.
+        and ``gap_recovered``, and (but the mean of singles) ``ci``: their 95% bootstrap intervals
+        over the queries, and ``reward_minus_best_fixed``: ``[difference, low, high]``, paired.
 
     Raises:
         ValueError: the table has no query in the split.
     """
     cost_model = cost_model or CostModel()
     metric_names = ("em", "tokens", "reward", "gap_recovered")
+    matrix = OutcomeMatrix.from_table(table).subset(split)
+    questions = query_questions(table)
+    fixed = matrix.rewards(cost_model)[:, best_fixed_column(matrix, cost_model)]
 
     def evaluate(label: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         rows, extra = evaluate_policy(path, table, split, cost_model)
         policy_row = rows[0]
-        return {"policy": label, "path": str(path)} | {k: getattr(policy_row, k) for k in metric_names}, extra
+        chosen = policy_choices(BudgetPolicy.load(path), matrix, questions)
+        picked = np.arange(len(chosen)), chosen
+        figures = split_figures(matrix, matrix.exact_match[picked], matrix.billed_tokens[picked], cost_model,
+                                compare={"best fixed": fixed})  # fmt: skip
+        difference = figures["reward_minus:best fixed"]
+        return {"policy": label, "path": str(path)} | {k: getattr(policy_row, k) for k in metric_names} | {
+            "ci": {k: figures[k].to_list() for k in metric_names},
+            "reward_minus_best_fixed": [difference.value, difference.low, difference.high],
+        }, extra
 
     singles = []
     extra: dict[str, Any] = {}
@@ -77,14 +92,22 @@ def seed_report(
 
 def format_seed_report(report: dict[str, Any]) -> str:
     """A Markdown table of :func:`seed_report`: every single policy, their mean and the ensemble."""
-    lines = ["| policy | EM | mean billed tokens | reward | gap recovered |", "|---|---|---|---|---|"]
+    from tokenopt.agents.evaluation.scoreboard import format_row_cells
+
+    lines = [
+        "Each figure with its 95% bootstrap interval over the queries (paired for the difference).",
+        "",
+        f"| policy | EM | mean billed tokens | reward | gap recovered | reward minus best fixed "
+        f"{report['best_fixed_action']} |",
+        "|---|---|---|---|---|---|",
+    ]
     entries = [*report["singles"], {"policy": "mean of singles"} | report["mean_single"]]
     if report["ensemble"] is not None:
         entries.append(report["ensemble"])
     for e in entries:
-        lines.append(
-            f"| {e['policy']} | {e['em']:.3f} | {e['tokens']:.2f} | {e['reward']:.3f} | {e['gap_recovered']:.2f} |"
-        )
+        minus = e.get("reward_minus_best_fixed")
+        difference = "" if minus is None else f"{minus[0]:+.3f} [{minus[1]:+.3f}, {minus[2]:+.3f}]"
+        lines.append(f"| {e['policy']} | {format_row_cells(e)} | {difference} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ from tokenopt.agents.evaluation.baselines import (
     router_points,
     tale_points,
 )
+from tokenopt.agents.evaluation.no_harm import oracle_noise, split_figures
 from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.runtime import POLICY_SPEC_FILE
 from tokenopt.table import OutcomeMatrix, action_mix, gap_recovered, load_manifest, reference_rewards
@@ -213,7 +214,28 @@ def _train_for_weight(
 
 
 def _reward(point: OperatingPoint, cost_model: CostModel, prompt: np.ndarray) -> float:
-    return float(cost_model.reward(point.exact_match, point.billed_tokens, prompt).mean())
+    return float(_query_rewards(point, cost_model, prompt).mean())
+
+
+def _query_rewards(point: OperatingPoint, cost_model: CostModel, prompt: np.ndarray) -> np.ndarray:
+    return np.asarray(cost_model.reward(point.exact_match, point.billed_tokens, prompt), dtype=np.float64)
+
+
+def _with_intervals(
+    row: dict[str, Any], point: OperatingPoint, replay: ReplayTable, cost_model: CostModel, seed: int,
+    compare: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The row plus 95% paired-bootstrap intervals over the split's queries (``ci``) and reward differences."""
+    figures = split_figures(
+        replay.matrix, point.exact_match, point.billed_tokens, cost_model, compare=compare, seed=seed
+    )
+    row["ci"] = {key: figures[key].to_list() for key in ("em", "tokens", "reward", "gap_recovered")}
+    row["reward_minus"] = {
+        name.split(":", 1)[1]: {"diff": value.value, "ci": value.to_list()}
+        for name, value in figures.items()
+        if name.startswith("reward_minus:")
+    }
+    return row
 
 
 def _row(
@@ -224,23 +246,52 @@ def _row(
             "gap_recovered": gap}  # fmt: skip
 
 
+NO_POINTS_REASONS = {
+    "fixed": "the table has no action",
+    "TALE-style": "the table has no budget ladder to predict on",
+    "Dynasor-style": "no mode of the table has 2 or more budgets, so no 2 probes can agree",
+    "DEER-style": "no mode of the table has a budget ladder to probe",
+    "Adaptive-Consistency-style": "the table has no sc<k> mode (k >= 2) whose samples it could draw one by one",
+    "RouteLLM-style": (
+        "on the train split no expensive action is ever right where the cheap one is wrong, so there is "
+        "nothing to route"
+    ),
+}
+"""Why a baseline the table gives no operating point is left out of the scoreboard."""
+
+
 def _baseline_points(
     train: ReplayTable, val: ReplayTable, test: ReplayTable, seed: int
-) -> dict[str, list[OperatingPoint]]:
-    """Every baseline's operating points on the val and the test split, in the same order."""
-    tale = tale_points(train, val, [val, test], seed=seed)
-    router = router_points(train, val, [val, test], seed=seed)
-    return {
-        split: [
-            *fixed_points(target),
-            *tale[k],
-            *dynasor_points(target),
-            *deer_points(target),
-            *adaptive_consistency_points(target),
-            *router[k],
-        ]  # fmt: skip
-        for k, (split, target) in enumerate((("val", val), ("test", test)))
+) -> tuple[dict[str, list[OperatingPoint]], dict[str, str]]:
+    """Every baseline's operating points on the val and the test split, in the same order.
+
+    Returns:
+        The points per split, and the baselines left out (the table cannot replay them),
+        each with the reason.
+    """
+    targets = [val, test]
+    builders: dict[str, Callable[[], list[list[OperatingPoint]]]] = {
+        "fixed": lambda: [fixed_points(target) for target in targets],
+        "TALE-style": lambda: tale_points(train, val, targets, seed=seed),
+        "Dynasor-style": lambda: [dynasor_points(target) for target in targets],
+        "DEER-style": lambda: [deer_points(target) for target in targets],
+        "Adaptive-Consistency-style": lambda: [adaptive_consistency_points(target) for target in targets],
+        "RouteLLM-style": lambda: router_points(train, val, targets, seed=seed),
     }
+    points: dict[str, list[OperatingPoint]] = {"val": [], "test": []}
+    left_out: dict[str, str] = {}
+    for method, build in builders.items():
+        try:
+            per_split = build()
+        except ValueError as error:
+            left_out[method] = str(error)
+            continue
+        if not all(per_split):
+            left_out[method] = NO_POINTS_REASONS[method]
+            continue
+        points["val"] += per_split[0]
+        points["test"] += per_split[1]
+    return points, left_out
 
 
 def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -284,7 +335,10 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         weights = sorted(set(weights) | {probe[2]})
 
     say("replaying the baselines")
-    points = _baseline_points(train_r, val_r, test_r, config.seed)
+    points, left_out = _baseline_points(train_r, val_r, test_r, config.seed)
+    for method, reason in left_out.items():
+        logger.info("%s: left out, %s", method, reason)
+    methods = [method for method in BASELINES if method not in left_out]
     questions = query_questions(config.table)
 
     sweep_dir = Path(config.sweep_dir) if config.sweep_dir else out / "sweep"
@@ -319,7 +373,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     say("scoring")
     prompt = {"val": val_r.matrix.prompt_tokens, "test": test_r.matrix.prompt_tokens}
     curves = {}
-    for method in BASELINES:
+    for method in methods:
         mine = [p for p in points["test"] if p.method == method]
         curves[method] = envelope(np.array([p.tokens for p in mine]), np.array([p.em for p in mine]))
     sweep_points = [policy_points[w] for w in weights]
@@ -333,6 +387,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     reference_tokens = float(test_r.matrix.billed_tokens[:, reference].mean())
 
     per_weight: list[dict[str, Any]] = []
+    warnings: list[str] = []
     for weight in weights:
         cost_model = CostModel(weight)
         rewards = test_r.matrix.rewards(cost_model)
@@ -352,13 +407,25 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             policy_row,
             _row("oracle", "per-query best", oracle_point, oracle_reward, best_fixed, oracle_reward),
         ]
-        for method in BASELINES:
+        picked: dict[str, OperatingPoint] = {"oracle": oracle_point}
+        for method in methods:
             val_candidates = [(k, p) for k, p in enumerate(points["val"]) if p.method == method]
             k_best = max(val_candidates, key=lambda item: _reward(item[1], cost_model, prompt["val"]))[0]
             chosen = points["test"][k_best]
+            picked[method] = chosen
             reward = _reward(chosen, cost_model, prompt["test"])
             rows_out.append(_row(method, chosen.setting, chosen, reward, best_fixed, oracle_reward))
-        margins = {method: policy.em - curve_at(curves[method], policy.tokens) for method in BASELINES}
+        # 95% intervals over the split's queries; the policy's reward minus each method's, paired
+        compare = {name: _query_rewards(point, cost_model, prompt["test"]) for name, point in picked.items()}
+        _with_intervals(policy_row, policy, test_r, cost_model, config.seed, compare)
+        for row in rows_out[1:]:
+            _with_intervals(row, picked[row["method"]], test_r, cost_model, config.seed)
+            row["policy_minus"] = policy_row["reward_minus"][row["method"]]
+        noise = oracle_noise(test_r.matrix, cost_model, config.split, _query_rewards(policy, cost_model,
+                             prompt["test"]), seed=config.seed)  # fmt: skip
+        if noise.warning is not None:
+            warnings.append(f"cost weight {weight:g}: {noise.warning}")
+        margins = {method: policy.em - curve_at(curves[method], policy.tokens) for method in methods}
         beaten_by = {method: margin for method, margin in margins.items() if margin < -1e-9}
         entry: dict[str, Any] = {
             "cost_weight": weight,
@@ -368,6 +435,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             "margins": {m: (None if math.isinf(v) else v) for m, v in margins.items()},
             "on_or_above_all": not beaten_by,
             "beaten_by": beaten_by,
+            "noise": noise.to_dict(),
         }
         if probe_points:
             controller = probe_points[weight]
@@ -375,7 +443,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
                 PROBE, f"lambda {weight:g}", controller, _reward(controller, cost_model, prompt["test"]), best_fixed,
                 oracle_reward,
             )  # fmt: skip
-            rows_out.append(probe_row)
+            rows_out.append(_with_intervals(probe_row, controller, test_r, cost_model, config.seed))
             settings = _load_probe_controller(probe_policies[weight], manifest).probe
             ceiling = probe_oracle_point(
                 test_r, settings.mode, cost_model, settings.probe_token_price, settings.escalate_mode
@@ -414,6 +482,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             "weights_on_or_above": sum(w["on_or_above_all"] for w in sweep_only),
             "weights": len(sweep_only),
             "gap_recovered_at_default": default["rows"][0]["gap_recovered"],
+            "gap_recovered_ci_at_default": default["rows"][0]["ci"]["gap_recovered"],
             **(
                 {
                     "probe_weights_on_or_above_rules": sum(w["probe"]["on_or_above_rules"] for w in sweep_only),
@@ -426,6 +495,8 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
                 else {}
             ),
         },
+        "left_out": left_out,
+        "warnings": warnings,
         "per_weight": per_weight,
         "curves": summary,
         "oracle_sweep": oracle_sweep,
@@ -455,12 +526,13 @@ def _probe_verdict(
     reward minus each rule's setting picked on val; and its reward and gap recovered
     minus the policy's.
     """
-    margins = {rule: probe_row["em"] - curve_at(curves[rule], probe_row["tokens"]) for rule in PROBE_RULES}
+    rules = [rule for rule in PROBE_RULES if rule in curves]  # a rule the table cannot replay is left out
+    margins = {rule: probe_row["em"] - curve_at(curves[rule], probe_row["tokens"]) for rule in rules}
     rule_rewards = {row["method"]: row["reward"] for row in rows if row["method"] in PROBE_RULES}
     return {
         **{key: probe_row[key] for key in ("em", "tokens", "reward", "gap_recovered")},
         "margins": {rule: (None if math.isinf(v) else v) for rule, v in margins.items()},
-        "on_or_above_rules": all(v >= -1e-9 for v in margins.values()),
+        "on_or_above_rules": bool(margins) and all(v >= -1e-9 for v in margins.values()),
         "reward_minus_rules": {rule: probe_row["reward"] - reward for rule, reward in rule_rewards.items()},
         "reward_minus_policy": probe_row["reward"] - policy_row["reward"],
         "gap_recovered_minus_policy": probe_row["gap_recovered"] - policy_row["gap_recovered"],
@@ -496,6 +568,41 @@ def _fmt_tokens(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
 
+def _fmt_ci(value: float, ci: list[float] | None, digits: int) -> str:
+    """``value [low, high]``: a figure and its 95% interval."""
+    text = f"{value:.{digits}f}"
+    return text if ci is None else f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def format_row_cells(row: dict[str, Any]) -> str:
+    """EM, tokens, reward and gap recovered of a scoreboard row, each with its 95% interval, as table cells."""
+    ci = row.get("ci", {})
+    return " | ".join(
+        _fmt_ci(row[key], ci.get(key), digits)
+        for key, digits in (("em", 3), ("tokens", 2), ("reward", 3), ("gap_recovered", 2))
+    )
+
+
+def format_weight_table(entry: dict[str, Any]) -> list[str]:
+    """The Markdown table of one cost weight's rows, every figure with its 95% interval."""
+    lines = [
+        "| method | setting (chosen on val) | EM | mean billed tokens | reward | gap recovered | policy reward "
+        "minus this |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in entry["rows"]:
+        lines.append(f"| {r['method']} | {r['setting']} | {format_row_cells(r)} | {format_policy_minus(r)} |")
+    return lines
+
+
+def format_policy_minus(row: dict[str, Any]) -> str:
+    """The policy's reward minus a row's, with its paired 95% interval ("" for the policy's own row)."""
+    minus = row.get("policy_minus")
+    if minus is None:
+        return ""
+    return f"{minus['diff']:+.3f} [{minus['ci'][0]:+.3f}, {minus['ci'][1]:+.3f}]"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as Markdown."""
     ref = report["reference"]
@@ -517,8 +624,16 @@ def format_report(report: dict[str, Any]) -> str:
         f"- The policy is on or above every baseline's curve at its own mean tokens for "
         f"**{bar['weights_on_or_above']} of {bar['weights']}** cost weights.",
         f"- Gap recovered at the default weight ({report['default_cost_weight']:g}): "
-        f"**{bar['gap_recovered_at_default']:.2f}**.",
+        f"**{bar['gap_recovered_at_default']:.2f}**"
+        + (
+            f" (95% interval [{bar['gap_recovered_ci_at_default'][0]:.2f}, "
+            f"{bar['gap_recovered_ci_at_default'][1]:.2f}])."
+            if bar.get("gap_recovered_ci_at_default")
+            else "."
+        ),
     ]
+    lines += [f"- **Warning**: {warning}" for warning in report.get("warnings", [])]
+    lines += [f"- {method}: left out, {reason}." for method, reason in report.get("left_out", {}).items()]
     if "probe_weights_on_or_above_rules" in bar:
         lines += [
             f"- The probe controller is on or above the curves of both probing rules ({', '.join(PROBE_RULES)}) "
@@ -544,12 +659,11 @@ def format_report(report: dict[str, Any]) -> str:
     for entry in report["per_weight"]:
         lines += ["", f"## Cost weight {entry['cost_weight']:g}", ""]
         lines += [
-            "| method | setting (chosen on val) | EM | mean billed tokens | reward | gap recovered |",
-            "|---|---|---|---|---|---|",
+            "Each figure with its 95% bootstrap interval over the split's queries (paired: the last column is the "
+            "policy's per-query reward minus the method's).",
+            "",
+            *format_weight_table(entry),
         ]
-        for r in entry["rows"]:
-            numbers = f"{r['em']:.3f} | {r['tokens']:.2f} | {r['reward']:.3f} | {r['gap_recovered']:.2f}"
-            lines.append(f"| {r['method']} | {r['setting']} | {numbers} |")
         lines.append("")
         pol = entry["policy"]
         margins = ", ".join(
@@ -613,7 +727,7 @@ def _plots(
     from tokenopt.agents.common.plots import action_mix_figure
 
     figure, axis = plt.subplots(figsize=(9, 5.5))
-    for method in BASELINES:
+    for method in (m for m in BASELINES if m in report["curves"]):
         mine = [p for p in points if p.method == method]
         color = _COLORS[method]
         axis.scatter([p.tokens for p in mine], [p.em for p in mine], s=12, color=color, alpha=0.35)

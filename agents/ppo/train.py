@@ -25,11 +25,13 @@ import torch
 import yaml
 
 from tokenopt.agents.common.callbacks import Predictor, validation_callback
+from tokenopt.agents.common.features import fit_table_features, save_run_features
 from tokenopt.agents.common.hyperparams import CONFIG_DIR, ENV_IDS, check_keys, load_config, split_hyperparams
 from tokenopt.agents.common.plots import log_figures
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.ppo.validators import budget_validator, probe_validator, stream_validator
 from tokenopt.cost import CostSettings
+from tokenopt.features import DEFAULT_HIDDEN_DIM, PROMPT_TEXT
 from tokenopt.table import OutcomeMatrix, ReplayTable, load_manifest
 
 __all__ = ["TrainConfig", "TrainResult", "config_field_names", "train"]
@@ -81,6 +83,10 @@ class TrainConfig(CostSettings):
     """Warm start: a run folder (actor, critic) or an exported policy folder (actor) to start from."""
     init_lr_scale: float = 0.3
     """With ``init_from``: the hidden layers' learning rate as a multiple of the output heads'."""
+    features: str = "prompt-text"
+    """Feature spec: prompt-text, lm-hidden or prompt-text+lm-hidden (lm-hidden: the table must record it)."""
+    hidden_dim: int = DEFAULT_HIDDEN_DIM
+    """With lm-hidden: principal components of the hidden state kept (the projection is fitted on train only)."""
 
 
 @dataclass
@@ -144,17 +150,24 @@ def train(
         raise ValueError(f"escalate_mode applies to --env probe, not --env {config.env}")
     if escalate_mode is not None and not isinstance(escalate_mode, str):
         raise ValueError(f"escalate_mode must be a mode name such as beam3; got {escalate_mode!r}")
+    for key in ("reward_baseline", "pretrain_epochs"):
+        if hyperparams.get(key) not in (None, 0, "none") and config.env != "budget":
+            raise ValueError(f"{key} applies to --env budget, not --env {config.env}; set it to its default there")
     manifest = load_manifest(config.table)
     if matrix is None:
         matrix = OutcomeMatrix.from_table(config.table)
     for split in ("train", "val"):
         if not (matrix.splits == split).any():
             raise ValueError(f"{config.table} has no query in split {split!r}; training needs train and val queries")
+    if config.features != PROMPT_TEXT and config.env != "budget":
+        raise ValueError(f"--features {config.features} applies to --env budget; --env {config.env} takes prompt-text")
+    features, matrix = fit_table_features(config.features, matrix, dict(manifest), config.hidden_dim)
     run_dir = RunDir(config.out)
     run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
     resolved = asdict(config) | {"resolved_hyperparams": hyperparams, "env_id": env_id}
     run_dir.config.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
     run_dir.command.write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
+    save_run_features(run_dir, features)
 
     torch.set_num_threads(config.threads)
     settings = split_hyperparams(hyperparams)
@@ -165,6 +178,7 @@ def train(
             "cost_weight": config.cost_weight,
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
+            **settings.env_kwargs,
         }
     elif config.em_floor is not None or config.token_target is not None:
         raise ValueError(f"--em-floor and --token-target apply to --env budget, not --env {config.env}")
@@ -207,6 +221,15 @@ def train(
     model.set_logger(configure(str(run_dir.tensorboard), ["tensorboard"]))
     val = matrix.subset("val")
     train_all = matrix.subset("train")
+    pretrain_record: dict[str, Any] | None = None
+    if settings.pretrain_epochs:
+        from tokenopt.agents.ppo.warm_start import pretrain_actor
+
+        pretrain_record = pretrain_actor(
+            model, vec_env, train_all, val, config.cost_model(), settings.pretrain_epochs,
+            settings.pretrain_temperature, settings.pretrain_lr, seed=config.seed,
+            baselines=vec_env.env_method("baselines", indices=0)[0], set_normalization=init_source is None,
+        )  # fmt: skip
     sample = np.random.default_rng(config.seed).permutation(len(train_all.ids))[: max(len(val.ids), 1)]
     train_sample = train_all.take(np.sort(sample))
     hparams = {
@@ -224,7 +247,10 @@ def train(
         validate = stream_validator(config, matrix)
     else:
         validate = probe_validator(config, replay, escalate_mode)
-    callback = validation_callback(config, run_dir, validate, vec_env, hparams, progress)
+    # A warm-started actor is validated before PPO moves it, so the best model is never worse than it.
+    callback = validation_callback(
+        config, run_dir, validate, vec_env, hparams, progress, validate_at_start=pretrain_record is not None
+    )
     model.learn(total_timesteps=total, callback=callback)
     best = callback.best_metrics
     if not best:
@@ -245,6 +271,7 @@ def train(
         "cost_weight": callback.cost_weight,
         "actions": manifest["actions"],
         "init_from": init_record,
+        "pretrain": pretrain_record,
     }
     run_dir.training.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     vec_env.close()

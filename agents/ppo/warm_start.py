@@ -1,6 +1,6 @@
-"""Warm start of a PPO agent from an earlier run or an exported policy (``tokenopt train --init-from``).
+"""Warm starts of a PPO agent: from an earlier run or policy, or by classification on the table.
 
-A new run (another cost weight, more data, a refreshed table) starts from an old
+``tokenopt train --init-from``: a new run (another cost weight, more data, a refreshed table) starts from an old
 policy's weights instead of from scratch. The actor (``mlp_extractor.policy_net`` and
 ``action_net``) is copied when its shapes match, the critic too when the source is a
 run checkpoint, and the observation normalisation is copied so the copied layers see
@@ -8,6 +8,14 @@ inputs on the scale they were trained on. The hidden layers then learn more slow
 than the output heads (layer-wise learning rates, as in ULMFiT's discriminative
 fine-tuning, Howard & Ruder 2018): what the hidden layers learnt about the features
 carries over, while the heads adapt to the new reward.
+
+``pretrain_epochs`` (a hyperparameter): before PPO, :func:`pretrain_actor` fits the actor
+by cost-sensitive classification on the outcome table. Every train query has every
+action's outcome, so the target of a query is a softmax of its action rewards over a
+temperature (a temperature near 0 is the oracle's one-hot choice; a larger one spreads
+the mass over near-ties), and the actor minimises the cross-entropy to it. The critic is
+fitted at the same time to the expected training reward of the actor's distribution.
+PPO then continues from there; it sees the same network and observation normalisation.
 """
 
 from __future__ import annotations
@@ -25,9 +33,19 @@ import yaml
 
 from tokenopt.agents.common.hyperparams import activation_name
 from tokenopt.agents.common.run_dir import RunDir
+from tokenopt.cost import CostModel
 from tokenopt.runtime import POLICY_SPEC_FILE
+from tokenopt.table import OutcomeMatrix
 
-__all__ = ["InitSource", "layerwise_lr_algo", "layerwise_optimizer", "load_init_source", "warm_start"]
+__all__ = [
+    "InitSource",
+    "layerwise_lr_algo",
+    "layerwise_optimizer",
+    "load_init_source",
+    "pretrain_actor",
+    "soft_targets",
+    "warm_start",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -324,3 +342,151 @@ def layerwise_lr_algo(algo_class: type) -> type:
             "__module__": __name__,
         },
     )
+
+
+# --- warm start by classification on the table ---------------------------------------------------------------------
+
+
+def soft_targets(rewards: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise softmax of ``rewards / temperature``: each query's target distribution over actions.
+
+    Raises:
+        ValueError: a temperature that is not positive.
+    """
+    if not temperature > 0:
+        raise ValueError(f"the softmax temperature must be > 0; got {temperature}")
+    scaled = np.asarray(rewards, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    weights = np.exp(scaled)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def pretrain_actor(
+    model: Any,
+    vec_env: Any,
+    train: OutcomeMatrix,
+    val: OutcomeMatrix,
+    cost_model: CostModel,
+    epochs: int,
+    temperature: float,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 256,
+    baselines: np.ndarray | None = None,
+    set_normalization: bool = True,
+) -> dict[str, Any]:
+    """Fit a fresh SB3 (Maskable)PPO actor to every train query's action rewards, before PPO.
+
+    The actor minimises the cross-entropy to :func:`soft_targets` of the train rewards;
+    the critic regresses on the expected training reward of the actor's (detached)
+    distribution, ``sum_a pi(a|x) (r(x, a) - b(x))``, so PPO's first advantages are
+    already centred per query. Minibatches of ``batch_size`` queries, Adam; the epoch
+    whose actor has the best expected val reward (unshaped) is kept.
+
+    Args:
+        model: the new model, before training, on a ``Discrete`` action space.
+        vec_env: its ``VecNormalize`` wrapper.
+        train: the train split (features and outcomes), rows in any order.
+        val: the val split, to keep the best epoch.
+        cost_model: prices and lambda of the rewards.
+        epochs: passes over the train queries.
+        temperature: the softmax temperature of the targets (reward units).
+        lr: Adam's learning rate.
+        seed: seed of the minibatch order.
+        batch_size: queries per step.
+        baselines: ``b(x)`` of each train row when the training reward is shaped (None: 0).
+        set_normalization: set the observation normalisation to the train features'
+            mean and variance first (False keeps the current one, e.g. copied by
+            :func:`warm_start`).
+
+    Returns:
+        What was done, for the run's ``training.json``: epochs, temperature, the kept
+        epoch and its val figures, and the train accuracy against the oracle's action.
+
+    Raises:
+        ValueError: bad settings, a matrix without features, an action space that is not
+            ``Discrete`` with one action per table column.
+    """
+    from gymnasium import spaces
+
+    if epochs < 1:
+        raise ValueError(f"pretrain_actor needs at least one epoch; got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if train.features is None or val.features is None:
+        raise ValueError("the warm start by classification needs the table's features (features.parquet)")
+    space = model.action_space
+    if not isinstance(space, spaces.Discrete) or int(space.n) != len(train.actions):
+        raise ValueError(
+            f"the warm start by classification needs a Discrete space of the table's {len(train.actions)} actions; "
+            f"this run's action space is {space}"
+        )
+    if set_normalization and getattr(vec_env, "norm_obs", False):
+        features = train.features.astype(np.float64)
+        vec_env.obs_rms.mean = features.mean(axis=0)
+        vec_env.obs_rms.var = features.var(axis=0)
+        vec_env.obs_rms.count = float(len(features))
+    policy = model.policy
+    device = policy.device
+
+    def observations(matrix: OutcomeMatrix) -> torch.Tensor:
+        assert matrix.features is not None
+        normalized = vec_env.normalize_obs(matrix.features.astype(np.float32))
+        return torch.as_tensor(np.asarray(normalized, dtype=np.float32), device=device)
+
+    train_rewards = train.rewards(cost_model)
+    shift = np.zeros(len(train.ids)) if baselines is None else np.asarray(baselines, dtype=np.float64)
+    if shift.shape != (len(train.ids),):
+        raise ValueError(f"baselines must hold one value per train query ({len(train.ids)}); got shape {shift.shape}")
+    x = observations(train)
+    targets = torch.as_tensor(soft_targets(train_rewards, temperature), dtype=torch.float32, device=device)
+    env_rewards = torch.as_tensor(train_rewards - shift[:, None], dtype=torch.float32, device=device)
+    x_val = observations(val)
+    val_rewards = torch.as_tensor(val.rewards(cost_model), dtype=torch.float32, device=device)
+
+    def logits_and_values(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = policy.extract_features(inputs)
+        latent_pi, latent_vf = policy.mlp_extractor(features)
+        return policy.action_net(latent_pi), policy.value_net(latent_vf).squeeze(-1)
+
+    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    policy.set_training_mode(True)
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-np.inf, 0, {})
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train.ids), generator=generator)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            logits, values = logits_and_values(x[rows])
+            log_pi = torch.log_softmax(logits, dim=1)
+            actor_loss = -(targets[rows] * log_pi).sum(dim=1).mean()
+            expected = (log_pi.exp().detach() * env_rewards[rows]).sum(dim=1)
+            critic_loss = torch.nn.functional.mse_loss(values, expected)
+            optimizer.zero_grad()
+            (actor_loss + critic_loss).backward()
+            optimizer.step()
+        with torch.no_grad():
+            val_logits, _ = logits_and_values(x_val)
+            score = float((torch.softmax(val_logits, dim=1) * val_rewards).sum(dim=1).mean())
+        if score > best[0] + 1e-9:
+            best = (score, epoch, {key: value.detach().clone() for key, value in policy.state_dict().items()})
+    policy.load_state_dict(best[2])
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        train_logits, _ = logits_and_values(x)
+        val_logits, _ = logits_and_values(x_val)
+    val_greedy = val_logits.argmax(dim=1).numpy()
+    record = {
+        "epochs": epochs,
+        "temperature": temperature,
+        "lr": lr,
+        "kept_epoch": best[1],
+        "val_expected_reward": best[0],
+        "val_greedy_reward": float(val.rewards(cost_model)[np.arange(len(val.ids)), val_greedy].mean()),
+        "train_oracle_agreement": float((train_logits.argmax(dim=1).numpy() == train_rewards.argmax(axis=1)).mean()),
+    }
+    logger.info(
+        "warm start by classification: %d epochs at temperature %g, kept epoch %d (val expected reward %.4f)",
+        epochs, temperature, best[1], best[0],
+    )  # fmt: skip
+    return record

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 
 from tokenopt.cli.ab_report import ab_report_command
-from tokenopt.cli.collect import collect_command
+from tokenopt.cli.collect import add_features_command, collect_command
 from tokenopt.cli.cv import cv_command
 from tokenopt.cli.demo import demo_command, demo_lm_build, demo_lm_check
 from tokenopt.cli.eval import eval_command
@@ -50,6 +50,7 @@ def _register(group: typer.Typer, name: str, command: Callable[..., Any]) -> Non
 
 COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("collect", collect_command),
+    ("add-features", add_features_command),
     ("train", train_command),
     ("export", export_command),
     ("eval", eval_command),

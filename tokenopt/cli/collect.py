@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from tokenopt.cli.common import ConfigOptions, Flag, config_options, console, fail, progress
 
-__all__ = ["COLLECT_OPTIONS", "RAY_OPTIONS", "collect_command"]
+__all__ = ["COLLECT_OPTIONS", "RAY_OPTIONS", "add_features_command", "collect_command"]
 
 COLLECT_OPTIONS = ConfigOptions(
     "tokenopt.collect.config:CollectConfig",
@@ -101,3 +101,40 @@ def collect_command(
         f"wrote {summary.rows} rows for {summary.queries} queries to {summary.out} "
         f"({summary.shards_written} shards written, {summary.shards_reused} reused) in {summary.seconds:.1f} s"
     )
+
+
+def add_features_command(
+    table: Annotated[Path, typer.Argument(help="A finished outcome table (`tokenopt collect --out`).")],
+    features: Annotated[
+        str, typer.Option(help="Feature spec whose columns to record: lm-hidden or prompt-text+lm-hidden.")
+    ] = "lm-hidden",
+    hidden_layer: Annotated[
+        int | None, typer.Option(help="Layer of the hidden state (0: embeddings, i: block i). Default: the middle.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Where the table's model is now, if it moved. Default: the manifest's.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Prompts per prefill pass.")] = 32,
+) -> None:
+    """Record a feature spec's columns in a finished table: a prefill pass, no decoding.
+
+    For lm-hidden: loads the table's own model and prompt format (from its manifest),
+    computes each query's hidden state at prefill (the mean over the prompt's tokens of
+    one layer) and adds it to features.parquet. The outcome rows are not touched.
+    """
+    from tokenopt.collect import add_features
+
+    try:
+        with progress() as bars:
+            bars.add_task("prefill", total=None)
+            source = add_features(table, features, hidden_layer, model, device, dtype, batch_size)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        fail(error)
+    if source is None:
+        console.print(f"{features}: nothing to add (prompt-text is always recorded)")
+    else:
+        console.print(
+            f"recorded lm-hidden (layer {source.layer} of {source.model}, {source.size} numbers per query) in {table}"
+        )

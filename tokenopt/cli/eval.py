@@ -34,10 +34,18 @@ def eval_command(*, settings: dict[str, Any]) -> None:
         report = run_scoreboard(config, progress=lambda message: console.print(f"[dim]{message}[/dim]"))
     except (ValueError, FileNotFoundError) as error:
         fail(error)
+    from tokenopt.agents.evaluation.scoreboard import format_weight_table
+
     bar = report["bar"]
-    lines = [
+    default = next(w for w in report["per_weight"] if w["cost_weight"] == report["default_cost_weight"])
+    lines = [f"{method}: left out, {reason}" for method, reason in report["left_out"].items()]
+    lines += [
+        f"\nCost weight {default['cost_weight']:g}, {report['queries']} {report['split']} queries; each figure with "
+        "its 95% bootstrap interval over the queries (the last column paired):\n",
+        *format_weight_table(default),
+        "",
         f"policy on or above every baseline's curve for {bar['weights_on_or_above']} of {bar['weights']} cost weights; "
-        f"gap recovered at the default weight {bar['gap_recovered_at_default']:.2f}"
+        f"gap recovered at the default weight {bar['gap_recovered_at_default']:.2f}",
     ]
     if "probe_weights_on_or_above_rules" in bar:
         lines.append(
@@ -47,3 +55,5 @@ def eval_command(*, settings: dict[str, Any]) -> None:
             f"{bar['probe_gap_recovered_at_default']:.2f}"
         )
     typer.echo("\n".join([*lines, f"report: {Path(config.out) / 'report.md'}"]))
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")

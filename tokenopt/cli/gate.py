@@ -13,7 +13,17 @@ __all__ = ["GATE_OPTIONS", "gate_command"]
 
 GATE_OPTIONS = ConfigOptions(
     "tokenopt.agents.evaluation.gate:GateConfig",
-    fields=("table", "split", "cost_weight", "max_em_drop", "reward_margin", "confidence", "resamples", "seed"),
+    fields=(
+        "table",
+        "split",
+        "cost_weight",
+        "max_em_drop",
+        "reward_margin",
+        "confidence",
+        "resamples",
+        "seed",
+        "beat_fixed",
+    ),
     flags={"table": Flag(default=REQUIRED)},
     paths=("table",),
 )

@@ -51,6 +51,8 @@ TRAIN_OPTIONS = ConfigOptions(
         "hyperparams",
         "init_from",
         "init_lr_scale",
+        "features",
+        "hidden_dim",
     ),  # fmt: skip
     flags={
         "table": Flag(
@@ -95,6 +97,14 @@ def train_command(
         typer.Option(help="With --seeds N>1: also export one policy averaging the runs (OUT/policy/) and compare."),
     ] = False,
     from_log: dict[str, Any],
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            help="Do no harm: when the policy does not beat the best fixed action on val beyond the noise, export "
+            "a policy that always picks that action (the learned one goes to RUN/policy-learned/). "
+            "--no-fallback exports the learned policy anyway."
+        ),
+    ] = True,
 ) -> None:
     """Train a PPO agent on an outcome table, validate it, and export the best policy.
 
@@ -124,6 +134,7 @@ def train_command(
             )
         )
 
+    from tokenopt.agents.evaluation.no_harm import apply_no_harm, format_no_harm
     from tokenopt.agents.evaluation.report import format_seed_report, seed_report
     from tokenopt.agents.export import export_ensemble, export_run
     from tokenopt.agents.ppo.train import TrainConfig, TrainResult
@@ -153,9 +164,11 @@ def train_command(
                     )
 
                 results.append(run_train(replace(config, seed=run_seed, out=str(run_dir)), progress=report))
+        no_harm: dict[Path, dict[str, Any] | None] = {}
         if export or ensemble:
             for _, run_dir in runs:
                 export_run(run_dir)
+                no_harm[run_dir] = apply_no_harm(run_dir, fallback=fallback and not ensemble, seed=seed)
         if ensemble:
             export_ensemble([run_dir for _, run_dir in runs], out / "policy")
     except (ValueError, FileNotFoundError) as error:
@@ -168,6 +181,8 @@ def train_command(
             f"reward {best.get('reward', 0):.3f}, gap recovered {best.get('gap_recovered', 0):.2f}; "
             f"TensorBoard logs in {run_dir / 'tb'}"
         )
+        if no_harm.get(run_dir) is not None:
+            console.print(format_no_harm(no_harm[run_dir]), highlight=False, markup=False)
     if seeds > 1 and (export or ensemble):
         try:
             comparison = seed_report(

@@ -6,6 +6,6 @@ upstream), :mod:`~tokenopt.collect.ray` shards the same work over a Ray cluster.
 """
 
 from tokenopt.collect.config import CollectConfig, CollectSummary
-from tokenopt.collect.local import collect, collect_shard
+from tokenopt.collect.local import add_features, collect, collect_shard
 
-__all__ = ["CollectConfig", "CollectSummary", "collect", "collect_shard"]
+__all__ = ["CollectConfig", "CollectSummary", "add_features", "collect", "collect_shard"]

@@ -19,7 +19,7 @@ class CollectConfig:
     data: str | None = None
     """Question file (JSONL); None collects the embedded demo suite."""
     model: str | None = None
-    """Local model folder or hub id; None uses the embedded demo LM."""
+    """Local model folder, .gguf checkpoint (pip install 'tokenopt[gguf]') or hub id; None uses the embedded demo LM."""
     budgets: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
     """Reasoning budgets of the action table, increasing."""
     modes: list[str] = field(default_factory=lambda: ["greedy", "sc5", "beam3"])
@@ -60,6 +60,12 @@ class CollectConfig:
     """Bearer token of the upstream (never written to the manifest)."""
     concurrency: int = 16
     """Requests in flight at once against the upstream."""
+    features: str = "prompt-text"
+    """Feature spec the table records: prompt-text (always recorded), lm-hidden or prompt-text+lm-hidden
+    (also the LM's hidden state of each prompt at prefill; on a table already collected, a prefill pass
+    fills in just that column, with no decoding)."""
+    hidden_layer: int | None = None
+    """With lm-hidden: the hidden state's layer (0: embeddings, i: block i's output); None: the middle block."""
 
     def prompt_format(self) -> PromptFormat:
         """The prompt format these settings describe.

@@ -7,6 +7,7 @@ It writes the table folder described in :mod:`tokenopt.table.schema` under ``--o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,16 +17,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenopt.actions import Mode, build_action_table, parse_budgets, parse_modes
 from tokenopt.collect.config import CollectConfig, CollectSummary
 from tokenopt.data import Query, load_questions
-from tokenopt.features import PromptFeatures
+from tokenopt.features import LM_HIDDEN, HiddenSource, PromptFeatures, check_feature_spec_name
 from tokenopt.scoring import exact_match
 from tokenopt.table.schema import (
     FEATURES_FILE,
+    HIDDEN_COLUMN,
+    HIDDEN_METADATA,
     MANIFEST_FILE,
     OUTCOME_SCHEMA,
     OUTCOMES_DIR,
@@ -36,7 +40,7 @@ from tokenopt.table.schema import (
     write_table_atomic,
 )
 
-__all__ = ["collect", "collect_shard"]
+__all__ = ["add_features", "collect", "collect_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,110 @@ def _prepare_data(config: CollectConfig, out: Path) -> Path:
     if not path.exists():
         write_jsonl(generate_suite(), path)
     return path
+
+
+def _record_hidden(
+    lm: Any, features_path: Path, prompts: dict[str, list[int]], source: HiddenSource, batch_size: int
+) -> bool:
+    """Add (or replace) the ``lm_hidden`` column of ``features.parquet``: a prefill pass over the queries.
+
+    Queries skipped for not fitting the context get NaN (they have no outcome rows).
+
+    Returns:
+        Whether the column was written (False: it was already there, from the same source).
+    """
+    table = pq.read_table(features_path)
+    metadata = dict(table.schema.metadata or {})
+    recorded = metadata.get(HIDDEN_METADATA.encode())
+    if HIDDEN_COLUMN in table.column_names and recorded is not None and json.loads(recorded) == source.to_dict():
+        return False
+    started = time.perf_counter()
+    ids = table.column("id").to_pylist()
+    present = [query_id for query_id in ids if query_id in prompts]
+    vectors = np.full((len(ids), source.size), np.nan, dtype=np.float32)
+    computed = lm.prompt_hidden([prompts[query_id] for query_id in present], source.layer, batch_size)
+    row_of = {query_id: k for k, query_id in enumerate(ids)}
+    vectors[[row_of[query_id] for query_id in present]] = computed
+    if HIDDEN_COLUMN in table.column_names:
+        table = table.drop_columns([HIDDEN_COLUMN])
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), source.size)
+    metadata[HIDDEN_METADATA.encode()] = json.dumps(source.to_dict()).encode()
+    table = table.append_column(HIDDEN_COLUMN, column).replace_schema_metadata(metadata)
+    write_table_atomic(table, features_path)
+    logger.info(
+        "recorded the hidden state (layer %d of %s) of %d prompts in %.1f s",
+        source.layer, source.model, len(present), time.perf_counter() - started,
+    )  # fmt: skip
+    return True
+
+
+def add_features(
+    table: str | Path,
+    features: str = LM_HIDDEN,
+    hidden_layer: int | None = None,
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 32,
+) -> HiddenSource | None:
+    """Record a feature spec's columns in a finished table without decoding again (``tokenopt add-features``).
+
+    For ``lm-hidden``: loads the table's own model with its prompt format (from the
+    manifest), runs a prefill pass over its queries and writes the ``lm_hidden`` column
+    of ``features.parquet`` and the manifest's ``lm_hidden`` record. The outcome rows
+    are not touched. ``prompt-text`` is always recorded already.
+
+    Args:
+        table: the table folder.
+        features: the spec whose columns to record.
+        hidden_layer: the hidden state's layer; None: the middle block.
+        model: where the table's model is now, when it moved; None: where the manifest says.
+        device: the LM's device.
+        dtype: the LM's dtype.
+        batch_size: prompts per prefill pass.
+
+    Returns:
+        The hidden state's source, or None when the spec needs no new column.
+
+    Raises:
+        ValueError: an unknown spec, a table collected from an upstream server (which
+            cannot return hidden states), or a table that is not finished.
+    """
+    from tokenopt.lm.local import TransformersLM
+    from tokenopt.table.reader import load_manifest
+
+    table = Path(table)
+    if LM_HIDDEN not in check_feature_spec_name(features):
+        return None
+    manifest = load_manifest(table)
+    backend: dict[str, Any] = dict(manifest["backend"])  # type: ignore[call-overload]
+    if backend.get("kind") != "transformers":
+        raise ValueError(
+            f"{table} was collected from an upstream server ({backend.get('kind')}), which cannot return the LM's "
+            "hidden states; lm-hidden needs the model run locally: collect the table with --model"
+        )
+    if not manifest.get("complete"):
+        raise ValueError(
+            f"{table} is not finished; complete it with `tokenopt collect` (--features lm-hidden works there too)"
+        )
+    settings: dict[str, Any] = dict(manifest["settings"])  # type: ignore[call-overload]
+    known = {field.name for field in dataclasses.fields(CollectConfig)}
+    config = CollectConfig(**{key: value for key, value in settings.items() if key in known})
+    lm = TransformersLM(model or config.model, device, dtype, config.prompt_format(), config.temperature)
+    queries = pq.read_table(table / QUERIES_FILE, columns=["id", "question"])
+    ids = queries.column("id").to_pylist()
+    budget = max(int(budget) for budget in config.budgets)
+    prompts = {
+        query_id: prompt
+        for query_id, prompt in zip(ids, lm.encode_prompts(queries.column("question").to_pylist()), strict=True)
+        if lm.fits(prompt, budget)
+    }
+    layer = lm.default_hidden_layer() if hidden_layer is None else hidden_layer
+    source = HiddenSource(model=str(settings.get("model_name", lm.name)), layer=layer, size=lm.hidden_size)
+    _record_hidden(lm, table / FEATURES_FILE, prompts, source, batch_size)
+    manifest["lm_hidden"] = source.to_dict()
+    write_json_atomic(manifest, table / MANIFEST_FILE)
+    return source
 
 
 def collect_shard(
@@ -197,6 +305,13 @@ def collect(
         if not queries:
             raise ValueError(f"no query of {data_path} is in the splits {config.splits}")
 
+    record_hidden = LM_HIDDEN in check_feature_spec_name(config.features)
+    if record_hidden and config.upstream is not None:
+        raise ValueError(
+            f"--features {config.features} records the LM's hidden state at prefill, which an --upstream server "
+            "cannot return (the OpenAI API gives text and log-probabilities only): collect with a local --model, "
+            "or use --features prompt-text"
+        )
     lm: Any
     if config.upstream is not None:
         from tokenopt.lm.upstream import UpstreamLM
@@ -218,7 +333,8 @@ def collect(
         backend = {"kind": "transformers", "model": lm.name, "dtype": str(lm.dtype).replace("torch.", "")}
     extractor = PromptFeatures()
     # Where and how fast the LM runs does not change the rows (the model name is in model_name).
-    unrecorded = {"out", "device", "batch_size", "strict", "concurrency"}
+    # The features recorded do not change the rows either: a finished table may get lm-hidden added later.
+    unrecorded = {"out", "device", "batch_size", "strict", "concurrency", "features", "hidden_layer"}
     unrecorded |= {"upstream", "upstream_model", "upstream_api_key"}
     settings = {key: value for key, value in asdict(config).items() if key not in unrecorded}
     settings["data_sha256"] = _sha256(data_path)
@@ -244,6 +360,8 @@ def collect(
                 f"{out} holds a collection made with other settings ({', '.join(differing) or 'schema version'} "
                 "differ); give a new --out to keep both, or delete the folder to start over"
             )
+        if "lm_hidden" in previous:
+            manifest["lm_hidden"] = previous["lm_hidden"]
     write_json_atomic(manifest, manifest_path)
 
     prompts: dict[str, list[int]] = {}
@@ -277,6 +395,13 @@ def collect(
             }
         ).replace_schema_metadata({"tokenopt.feature_spec": json.dumps(extractor.spec.to_dict())})
         write_table_atomic(features, features_path)
+
+    if record_hidden:
+        layer = lm.default_hidden_layer() if config.hidden_layer is None else config.hidden_layer
+        source = HiddenSource(model=lm.name, layer=layer, size=lm.hidden_size)
+        if _record_hidden(lm, features_path, prompts, source, config.batch_size):
+            manifest["lm_hidden"] = source.to_dict()
+            write_json_atomic(manifest, manifest_path)
 
     shard_dir = out / OUTCOMES_DIR
     shard_dir.mkdir(exist_ok=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,6 +277,62 @@ class TransformersLM:
             ids: Any = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
             return [int(i) for i in ids]
         return list(self.tokenizer(self.prompt_format.prompt_text(question))["input_ids"])
+
+    @property
+    def num_layers(self) -> int:
+        """The model's transformer blocks (its hidden states are the embeddings, then one per block)."""
+        return int(getattr(self.model.config, "num_hidden_layers", 0) or getattr(self.model.config, "n_layer", 0))
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the model's hidden states."""
+        return int(getattr(self.model.config, "hidden_size", 0) or getattr(self.model.config, "n_embd", 0))
+
+    def default_hidden_layer(self) -> int:
+        """The middle block's output: the default layer of the ``lm-hidden`` features (see HiddenSource)."""
+        return max(1, (self.num_layers + 1) // 2)
+
+    @torch.no_grad()
+    def prompt_hidden(self, prompts: list[list[int]], layer: int, batch_size: int = 32) -> np.ndarray:
+        """Each prompt's hidden state at prefill: the mean over its tokens of hidden state ``layer``.
+
+        A prefill pass only (no decoding, no LM head). Batches are padded on the right:
+        in a causal LM the prompt's tokens never attend to the pads after them and keep
+        the positions of the unpadded prompt, so a row is the prompt's own prefill (up to
+        floating-point summation order), as a server computes it for one request.
+
+        Args:
+            prompts: token ids of each prompt.
+            layer: index into the hidden states, 0 (embeddings) to ``num_layers`` (the last block).
+            batch_size: prompts per forward pass.
+
+        Returns:
+            (prompts, hidden size) float32.
+
+        Raises:
+            ValueError: ``layer`` out of range, or an empty prompt.
+        """
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"hidden layer {layer} is out of range for {self.name!r}: expected 0..{self.num_layers}")
+        if any(not prompt for prompt in prompts):
+            raise ValueError("a prompt with no tokens has no hidden state")
+        base = self.model.base_model
+        pooled = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(prompt) for prompt in chunk)
+            ids = torch.full((len(chunk), width), self.settings.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, prompt in enumerate(chunk):
+                ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+                mask[row, : len(prompt)] = 1
+            output = base(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=True)
+            states = output.hidden_states[layer].float()
+            weights = mask.to(self.device).unsqueeze(-1).float()
+            pooled.append(((states * weights).sum(dim=1) / weights.sum(dim=1)).cpu().numpy())
+        if not pooled:
+            return np.zeros((0, self.hidden_size), dtype=np.float32)
+        return np.concatenate(pooled).astype(np.float32)
 
     def encode_prompts(self, questions: list[str]) -> list[list[int]]:
         """Token ids of the prompt of each question."""

@@ -163,6 +163,16 @@ class LocalBackend:
         args = {"prompt": prompt, "seed": seed, "budget": budget, "on_token": on_token}
         return await self._submit("forced", key, args)
 
+    async def prompt_hidden(self, question: str, layer: int) -> Any:
+        """The LM's hidden state of the question's prompt at prefill (mean over its tokens of ``layer``).
+
+        Requests that arrive together share one prefill batch, as collection computed it.
+        """
+        prompt = self.lm.encode_prompt(question)
+        if not prompt or len(prompt) > self.max_context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {self.max_context}")
+        return await self._submit("hidden", ("hidden", layer), {"prompt": prompt})
+
     async def generate_plain(
         self, prompt: str, max_tokens: int, n: int, temperature: float, seed: int, stop: list[str]
     ) -> list[Any]:
@@ -219,6 +229,15 @@ class LocalBackend:
         if key[0] == "plain":
             for job in jobs:
                 self._serve_alone(job, None)
+            return
+        if key[0] == "hidden":
+            try:
+                vectors = self.lm.prompt_hidden([job.args["prompt"] for job in jobs], key[1], self.max_batch)
+            except Exception:  # the worker must survive any request
+                self._fail(jobs)
+                return
+            for job, vector in zip(jobs, vectors, strict=True):
+                job.resolve(vector)
             return
         for start in range(0, len(jobs), self.max_batch):
             chunk = jobs[start : start + self.max_batch]

@@ -26,7 +26,7 @@ class ServeConfig:
     split: float = 0.5
     """Share of users sent to arm B, in [0, 1]."""
     model: str | None = None
-    """Local causal-LM folder to serve; with neither this nor ``upstream``, the demo LM."""
+    """Local causal-LM folder or .gguf checkpoint to serve; with neither this nor ``upstream``, the demo LM."""
     upstream: str | None = None
     """Base URL of an OpenAI-compatible server to forward to (vLLM, TGI, llama.cpp)."""
     upstream_model: str = "default"

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from tokenopt.serve.backends import Generation, LocalBackend, UpstreamBackend
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ class Engine(Protocol):
     """Most tokens an answer may have."""
     streams_tokens: bool
     """Whether greedy generations report their tokens as the LM chooses them (``on_token``)."""
+    provides_hidden: bool
+    """Whether :meth:`prompt_hidden` works (the LM runs here), as ``lm-hidden`` policies need."""
 
     @property
     def answer_room(self) -> int:
@@ -62,6 +66,14 @@ class Engine(Protocol):
 
         Raises:
             EngineInputError: the request does not fit the model's context, or the mode is refused.
+        """
+        ...
+
+    async def prompt_hidden(self, question: str, layer: int) -> np.ndarray:
+        """The LM's hidden state of the question's prompt at prefill: the mean over its tokens of ``layer``.
+
+        Raises:
+            EngineInputError: the engine cannot compute it (an upstream), or the prompt does not fit.
         """
         ...
 
@@ -108,6 +120,7 @@ class LocalEngine(_Adapter):
     """A :class:`LocalBackend` as an :class:`Engine`: it streams, decodes and closes synchronously."""
 
     streams_tokens = True
+    provides_hidden = True
 
     def __init__(self, backend: LocalBackend) -> None:
         super().__init__(backend)
@@ -139,6 +152,13 @@ class LocalEngine(_Adapter):
         except ValueError as error:
             raise EngineInputError(str(error)) from None
 
+    async def prompt_hidden(self, question: str, layer: int) -> np.ndarray:
+        """The hidden state at prefill, on the LM's worker thread (batched with concurrent requests)."""
+        try:
+            return np.asarray(await self.backend.prompt_hidden(question, layer))
+        except ValueError as error:
+            raise EngineInputError(str(error)) from None
+
     async def aclose(self) -> None:
         """Stop the worker after the jobs already queued."""
         self.backend.close()
@@ -148,6 +168,7 @@ class UpstreamEngine(_Adapter):
     """An :class:`UpstreamBackend` as an :class:`Engine`: whole responses only, no tokenizer."""
 
     streams_tokens = False
+    provides_hidden = False
 
     def __init__(self, backend: UpstreamBackend) -> None:
         super().__init__(backend)
@@ -177,6 +198,10 @@ class UpstreamEngine(_Adapter):
             return await self.backend.generate(question, budget, mode, seed=seed, answer_cap=answer_cap)
         except ValueError as error:
             raise EngineInputError(str(error)) from None
+
+    async def prompt_hidden(self, question: str, layer: int) -> np.ndarray:
+        """Never available: an OpenAI-compatible server returns text and log-probabilities, not hidden states."""
+        raise EngineInputError("an upstream server cannot return the LM's hidden states (lm-hidden features)")
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

@@ -102,6 +102,12 @@ class Arm:
 
 def _load_policy(path: Path, upstream: bool) -> BudgetPolicy:
     policy = BudgetPolicy.load(path)
+    if policy.features.needs_hidden and upstream:
+        raise PolicyLoadError(
+            f"{path}: this policy's features ({policy.features.name}) need the LM's hidden state at prefill, which "
+            "an --upstream server cannot return (the OpenAI API gives text and log-probabilities only): serve it "
+            "with --model (the model its table was collected with), or train a prompt-text policy for the upstream"
+        )
     if policy.probe is not None:
         if upstream:
             raise PolicyLoadError(
@@ -622,7 +628,12 @@ class OpenAIServing:
     ) -> tuple[Generation, DecisionRecord]:
         policy = arm.policy
         tick = time.perf_counter()
-        features = policy.features(parsed.prompt).astype(np.float32)
+        hidden = None
+        if policy.features.needs_hidden:
+            # lm-hidden: the LM's own prefill of the prompt, computed before the decision (and logged with it).
+            assert policy.features.source is not None
+            hidden = await self.engine.prompt_hidden(parsed.prompt, policy.features.source.layer)
+        features = policy.features(parsed.prompt, hidden).astype(np.float32)
         seed = parsed.seed if parsed.seed is not None else int(_stable_fraction(request_id) * 2**31)
         record = DecisionRecord(
             id=request_id,

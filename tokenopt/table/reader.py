@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 from tokenopt.actions import Action
 from tokenopt.cost import CostModel
 from tokenopt.scoring import normalize_answer
-from tokenopt.table.schema import FEATURES_FILE, MANIFEST_FILE, OUTCOMES_DIR, QUERIES_FILE, SCHEMA_VERSION
+from tokenopt.table.schema import (
+    FEATURES_FILE,
+    HIDDEN_COLUMN,
+    MANIFEST_FILE,
+    OUTCOMES_DIR,
+    QUERIES_FILE,
+    SCHEMA_VERSION,
+)
 
 __all__ = ["OutcomeMatrix", "ReplayTable", "load_manifest", "load_outcomes"]
 
@@ -46,6 +53,11 @@ def load_outcomes(directory: str | Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(part) for part in parts])
 
 
+def _fixed_size_lists(column: pa.ChunkedArray) -> np.ndarray:
+    """A column of equal-length float lists as a (rows x length) float32 array."""
+    return np.asarray(column.to_pylist(), dtype=np.float32)
+
+
 @dataclass
 class OutcomeMatrix:
     """Outcomes as (queries x actions) arrays, in the manifest's action order."""
@@ -60,6 +72,9 @@ class OutcomeMatrix:
     """(queries x feature dim) float32, from ``features.parquet``, when loaded."""
     families: np.ndarray | None = None
     """A ``family`` column of the question file, when it has one (for reports)."""
+    hidden: np.ndarray | None = None
+    """(queries x hidden size) float32: the LM's hidden state of each prompt at prefill, when the
+    table recorded it (``features.parquet``'s ``lm_hidden`` column; source in the manifest)."""
 
     @classmethod
     def from_table(cls, directory: str | Path) -> OutcomeMatrix:
@@ -100,14 +115,15 @@ class OutcomeMatrix:
                 f"{directory}: query {ids[i]!r} has {seen[i, j]} rows for action {actions[j]!r} (expected 1); "
                 f"{len(missing)} (query, action) pairs are affected"
             )
-        features = families = None
+        features = families = hidden = None
         directory = Path(directory)
         if (directory / FEATURES_FILE).is_file():
             feature_table = pq.read_table(directory / FEATURES_FILE)
-            feature_of = dict(
-                zip(feature_table.column("id").to_pylist(), feature_table.column("features").to_pylist(), strict=True)
-            )
-            features = np.asarray([feature_of[query_id] for query_id in ids], dtype=np.float32)
+            row_of_id = {query_id: k for k, query_id in enumerate(feature_table.column("id").to_pylist())}
+            rows = np.array([row_of_id[query_id] for query_id in ids], dtype=np.int64)
+            features = _fixed_size_lists(feature_table.column("features"))[rows]
+            if HIDDEN_COLUMN in feature_table.column_names:
+                hidden = _fixed_size_lists(feature_table.column(HIDDEN_COLUMN))[rows]
         if (directory / QUERIES_FILE).is_file():
             query_table = pq.read_table(directory / QUERIES_FILE)
             if "family" in query_table.column_names:
@@ -115,7 +131,7 @@ class OutcomeMatrix:
                     zip(query_table.column("id").to_pylist(), query_table.column("family").to_pylist(), strict=True)
                 )
                 families = np.asarray([str(family_of[query_id]) for query_id in ids], dtype=object)
-        return cls(ids, splits, actions, exact, billed, prompt, features, families)
+        return cls(ids, splits, actions, exact, billed, prompt, features, families, hidden)
 
     def subset(self, split: str | None) -> OutcomeMatrix:
         """The rows of one split (all rows when None)."""
@@ -137,6 +153,7 @@ class OutcomeMatrix:
             self.prompt_tokens[indices],
             None if self.features is None else self.features[indices],
             None if self.families is None else self.families[indices],
+            None if self.hidden is None else self.hidden[indices],
         )
 
     @property

@@ -6,8 +6,14 @@ A table folder written by ``tokenopt collect`` holds:
   table and, once done, the row count and the skipped queries;
 - ``queries.parquet``: one row per query (id, split, question, answers, prompt
   tokens, and the extra fields of its line);
-- ``features.parquet``: one row per query with its feature vector (the feature spec
-  is in the file's metadata and in the manifest);
+- ``features.parquet``: one row per query with its ``prompt-text`` feature vector
+  (column ``features``; the feature spec is in the file's metadata and in the
+  manifest) and, when collected with ``--features lm-hidden``, the LM's hidden state
+  of the prompt at prefill (column ``lm_hidden``; where it comes from, model, layer,
+  pooling and size, is the manifest's ``lm_hidden`` and the file's
+  ``tokenopt.lm_hidden`` metadata). The column is optional: a table collected without
+  it gets it later by a prefill pass alone (no decoding), and schema version 2 tables
+  without it read as before;
 - ``outcomes/part-NNNNN.parquet``: one row per query x budget x mode, written shard
   by shard with atomic renames, so an interrupted run resumes where it stopped.
 
@@ -28,6 +34,8 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "FEATURES_FILE",
+    "HIDDEN_COLUMN",
+    "HIDDEN_METADATA",
     "MANIFEST_FILE",
     "OUTCOMES_DIR",
     "OUTCOME_SCHEMA",
@@ -42,6 +50,10 @@ __all__ = [
 MANIFEST_FILE = "manifest.json"
 QUERIES_FILE = "queries.parquet"
 FEATURES_FILE = "features.parquet"
+HIDDEN_COLUMN = "lm_hidden"
+"""The column of ``features.parquet`` holding each query's LM hidden state (float32 lists)."""
+HIDDEN_METADATA = "tokenopt.lm_hidden"
+"""The ``features.parquet`` metadata key (and, as ``lm_hidden``, the manifest key) of the hidden state's source."""
 OUTCOMES_DIR = "outcomes"
 
 SCHEMA_VERSION = 2
