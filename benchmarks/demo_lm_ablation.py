@@ -15,17 +15,15 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenopt.demo.tokenizer import build_tokenizer
-from tokenopt.demo.train import DemoTrainConfig, _collate, _draw_rows, train_demo_lm
+from tokenopt.demo.train import DEMO_TASK, DemoTrainConfig, _collate, _draw_rows, _Encoder, train_demo_lm
 
 
 def held_out_loss(model_dir: str, config: DemoTrainConfig) -> float:
-    tokenizer = build_tokenizer()
-    vocab = tokenizer.get_vocab()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     rng = np.random.default_rng(999)
-    rows = _draw_rows(rng, 2048, config, vocab, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    rows = _draw_rows(rng, 2048, config, DEMO_TASK, _Encoder(tokenizer, DEMO_TASK.answer_cue))
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     losses = []
     with torch.inference_mode():

@@ -12,7 +12,7 @@ def test_subpackages_import_under_the_tokenopt_namespace():
     assert agents.__name__ == "tokenopt.agents"
 
 
-@pytest.mark.parametrize("generic_name", ["envs", "agents"])
+@pytest.mark.parametrize("generic_name", ["envs", "agents", "suites"])
 def test_no_generic_top_level_package_is_installed(tmp_path, generic_name):
     # Run from an empty folder so the checkout itself is not on sys.path.
     result = subprocess.run(

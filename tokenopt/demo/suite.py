@@ -87,6 +87,9 @@ class DemoExample:
     """The gold answer (what EM is measured against)."""
     answer_choices: tuple[tuple[str, float], ...] = ()
     """For ``vote``: the training distribution over answers; empty elsewhere."""
+    reasoned_answer_choices: tuple[tuple[str, float], ...] = ()
+    """The training distribution over answers after a trace (cut > 0), for families where
+    reasoning misleads; empty: the same as ``answer_choices``."""
 
 
 def _modular_chain(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
