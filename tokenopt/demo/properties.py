@@ -51,8 +51,12 @@ class PropertyCheck:
 
 
 def _family_columns(directory: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(directory / "queries.parquet", columns=["id", "family", "difficulty"])
+    """Each query's family and difficulty (0 for every query of a question file without difficulties)."""
+    names = set(pq.read_schema(directory / "queries.parquet").names)
+    table = pq.read_table(directory / "queries.parquet", columns=["id", "family", *({"difficulty"} & names)])
     family_of = dict(zip(table.column("id").to_pylist(), table.column("family").to_pylist(), strict=True))
+    if "difficulty" not in names:
+        return np.array([family_of[i] for i in ids]), np.zeros(len(ids), dtype=int)
     level_of = dict(zip(table.column("id").to_pylist(), table.column("difficulty").to_pylist(), strict=True))
     return np.array([family_of[i] for i in ids]), np.array([int(level_of[i]) for i in ids])
 
