@@ -239,6 +239,7 @@ class BudgetPolicy:
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
             )
         self._single: list[tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray, str]]]] = []
+        self._logits_bounded = False
         self._check_network(expected)
         # The one-observation path (decide(), a server's batch of one): checked once by
         # _check_network first, then no validation or conversion per call. The normalisation is
@@ -252,6 +253,11 @@ class BudgetPolicy:
                 low, high = mean - self.clip / inverse_std, mean + self.clip / inverse_std
                 first = (inverse_std[:, None] * weight, bias - (mean * inverse_std) @ weight, activation)
             self._single.append((low, high, [first, *rest]))
+        # Behind a tanh the logits are bounded by sum |W| + |b| per output: where that bound
+        # keeps exp() finite, softmax needs no max subtraction (two numpy calls fewer).
+        last_inputs_bounded = all(len(layers) > 1 and layers[-2][2] == "tanh" for layers in self.members)
+        bound = max(float((np.abs(layers[-1][0]).sum(axis=0) + np.abs(layers[-1][1])).max()) for layers in self.members)
+        self._logits_bounded = last_inputs_bounded and bound < 600.0
         try:
             self._probabilities_one(np.zeros(expected))
         except (ValueError, FloatingPointError) as error:
@@ -372,9 +378,10 @@ class BudgetPolicy:
 
     def probabilities(self, observations: np.ndarray) -> np.ndarray:
         """Action probabilities for a batch of raw observations (features [+ extras])."""
+        if isinstance(observations, np.ndarray) and observations.ndim == 2 and len(observations) == 1 and self._single:
+            # float32 features are widened by the first operation, as np.asarray would.
+            return self._probabilities_one(observations[0])[None, :]
         raw = np.asarray(observations, dtype=np.float64)
-        if raw.ndim == 2 and raw.shape[0] == 1 and self._single:
-            return self._probabilities_one(raw[0])[None, :]
         normalized: dict[int, np.ndarray] = {}
         total: np.ndarray | None = None
         for layers, index in zip(self.members, self._member_normalizer, strict=True):
@@ -418,7 +425,8 @@ class BudgetPolicy:
                     np.tanh(h, out=h)
                 elif activation == "relu":
                     np.maximum(h, 0.0, out=h)
-            h -= h.max()
+            if not self._logits_bounded:
+                h -= h.max()
             np.exp(h, out=h)
             h /= h.sum()
             total = h if total is None else total + h
