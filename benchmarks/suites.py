@@ -257,6 +257,21 @@ def format_rows(rows: list[dict[str, Any]], held_out: str | None) -> str:
     return "\n".join(lines)
 
 
+def format_ablation(rows: list[dict[str, Any]], held_out: str | None) -> str:
+    """Variants side by side: test reward [95%] and gap recovered per (suite, weight)."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    cells: dict[tuple[str, float], dict[str, str]] = {}
+    for row in rows:
+        text = f"{_cell(row['reward'], 3)}; gap {row['gap_recovered'][0]:.2f}"
+        cells.setdefault((row["suite"], row["weight"]), {})[row["variant"]] = text
+    lines = ["| suite | λ | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
+    for (suite, weight), by_variant in cells.items():
+        name = suite + (" (held out)" if suite == held_out else "")
+        values = [by_variant.get(variant, "") for variant in variants]
+        lines.append(f"| {name} | {weight:g} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run the sweep and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -341,6 +356,8 @@ def main() -> None:
                 print(format_rows([row], args.held_out).splitlines()[-1], file=sys.stderr, flush=True)
                 save()
     table_md = format_rows(rows, args.held_out)
+    if len(chosen) > 1:
+        table_md += "\n\n" + format_ablation(rows, args.held_out)
     (out / "results.md").write_text(table_md + "\n", encoding="utf-8")
     print(table_md)
 
