@@ -50,7 +50,7 @@ PPO_KEYS = {
 """Keys passed to PPO's constructor."""
 RUN_KEYS = {
     "n_timesteps", "n_envs", "normalize", "policy_kwargs", "policy", "pretrain_epochs", "pretrain_temperature",
-    "pretrain_lr",
+    "pretrain_lr", "pretrain_objective",
 }  # fmt: skip
 """Keys that set up the run around PPO (``pretrain_*``: the actor's warm start by classification on the
 table, :func:`tokenopt.agents.ppo.warm_start.pretrain_actor`; ``--env budget`` only)."""
@@ -138,10 +138,12 @@ class Hyperparams:
     """VecNormalize on observations."""
     pretrain_epochs: int = 0
     """Epochs of the actor's warm start by classification on the table (0: none)."""
-    pretrain_temperature: float = 0.05
+    pretrain_temperature: float = 0.2
     """Temperature of the softmax over each train query's action rewards (the classification targets)."""
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 3e-3
     """Adam learning rate of that warm start."""
+    pretrain_objective: str = "cross_entropy"
+    """``cross_entropy`` to the softmax targets, or ``expected_reward`` (plus temperature x entropy)."""
 
 
 def split_hyperparams(hyperparams: dict[str, Any]) -> Hyperparams:
@@ -152,8 +154,11 @@ def split_hyperparams(hyperparams: dict[str, Any]) -> Hyperparams:
     n_timesteps = int(settings.pop("n_timesteps", 60000))
     normalize = bool(settings.pop("normalize", True))
     pretrain_epochs = int(settings.pop("pretrain_epochs", 0))
-    pretrain_temperature = float(settings.pop("pretrain_temperature", 0.05))
-    pretrain_lr = float(settings.pop("pretrain_lr", 1e-3))
+    pretrain_temperature = float(settings.pop("pretrain_temperature", 0.2))
+    pretrain_lr = float(settings.pop("pretrain_lr", 3e-3))
+    pretrain_objective = str(settings.pop("pretrain_objective", "cross_entropy"))
+    if pretrain_objective not in ("cross_entropy", "expected_reward"):
+        raise ValueError(f"pretrain_objective must be cross_entropy or expected_reward; got {pretrain_objective!r}")
     if pretrain_epochs < 0:
         raise ValueError(f"pretrain_epochs must be >= 0 (0: no warm start by classification); got {pretrain_epochs}")
     if not pretrain_temperature > 0:
@@ -165,5 +170,5 @@ def split_hyperparams(hyperparams: dict[str, Any]) -> Hyperparams:
     ppo_kwargs: dict[str, Callable[[float], float] | Any] = {key: schedule(value) for key, value in settings.items()}
     return Hyperparams(
         ppo_kwargs, kwargs, env_kwargs, n_envs, n_timesteps, normalize, pretrain_epochs, pretrain_temperature,
-        pretrain_lr,
+        pretrain_lr, pretrain_objective,
     )  # fmt: skip

@@ -153,6 +153,7 @@ def train(
     for key in ("reward_baseline", "pretrain_epochs"):
         if hyperparams.get(key) not in (None, 0, "none") and config.env != "budget":
             raise ValueError(f"{key} applies to --env budget, not --env {config.env}; set it to its default there")
+    settings = split_hyperparams(hyperparams)  # bad values fail here, before any work
     manifest = load_manifest(config.table)
     if matrix is None:
         matrix = OutcomeMatrix.from_table(config.table)
@@ -170,7 +171,6 @@ def train(
     save_run_features(run_dir, features)
 
     torch.set_num_threads(config.threads)
-    settings = split_hyperparams(hyperparams)
     replay = None
     if config.env == "budget":
         env_kwargs: dict[str, Any] = {
@@ -229,6 +229,7 @@ def train(
             model, vec_env, train_all, val, config.cost_model(), settings.pretrain_epochs,
             settings.pretrain_temperature, settings.pretrain_lr, seed=config.seed,
             baselines=vec_env.env_method("baselines", indices=0)[0], set_normalization=init_source is None,
+            objective=settings.pretrain_objective,
         )  # fmt: skip
     sample = np.random.default_rng(config.seed).permutation(len(train_all.ids))[: max(len(val.ids), 1)]
     train_sample = train_all.take(np.sort(sample))

@@ -42,6 +42,7 @@ __all__ = [
     "layerwise_lr_algo",
     "layerwise_optimizer",
     "load_init_source",
+    "PRETRAIN_OBJECTIVES",
     "pretrain_actor",
     "soft_targets",
     "warm_start",
@@ -346,6 +347,9 @@ def layerwise_lr_algo(algo_class: type) -> type:
 
 # --- warm start by classification on the table ---------------------------------------------------------------------
 
+PRETRAIN_OBJECTIVES = ("cross_entropy", "expected_reward")
+"""What :func:`pretrain_actor` minimises (``pretrain_objective``)."""
+
 
 def soft_targets(rewards: np.ndarray, temperature: float) -> np.ndarray:
     """Row-wise softmax of ``rewards / temperature``: each query's target distribution over actions.
@@ -369,11 +373,12 @@ def pretrain_actor(
     cost_model: CostModel,
     epochs: int,
     temperature: float,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     batch_size: int = 256,
     baselines: np.ndarray | None = None,
     set_normalization: bool = True,
+    objective: str = "cross_entropy",
 ) -> dict[str, Any]:
     """Fit a fresh SB3 (Maskable)PPO actor to every train query's action rewards, before PPO.
 
@@ -398,6 +403,10 @@ def pretrain_actor(
         set_normalization: set the observation normalisation to the train features'
             mean and variance first (False keeps the current one, e.g. copied by
             :func:`warm_start`).
+        objective: ``cross_entropy`` to the soft targets (forward KL: covers every
+            near-best action), or ``expected_reward``: maximise ``E_pi[r] + T * H(pi)``
+            over every action at once (reverse KL to the same targets: seeks the best
+            action the features can tell apart, as PPO does, without sampling).
 
     Returns:
         What was done, for the run's ``training.json``: epochs, temperature, the kept
@@ -411,6 +420,8 @@ def pretrain_actor(
 
     if epochs < 1:
         raise ValueError(f"pretrain_actor needs at least one epoch; got {epochs}")
+    if objective not in PRETRAIN_OBJECTIVES:
+        raise ValueError(f"unknown pretrain objective {objective!r}: expected one of {', '.join(PRETRAIN_OBJECTIVES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if train.features is None or val.features is None:
@@ -441,6 +452,7 @@ def pretrain_actor(
     x = observations(train)
     targets = torch.as_tensor(soft_targets(train_rewards, temperature), dtype=torch.float32, device=device)
     env_rewards = torch.as_tensor(train_rewards - shift[:, None], dtype=torch.float32, device=device)
+    train_reward_tensor = torch.as_tensor(train_rewards, dtype=torch.float32, device=device)
     x_val = observations(val)
     val_rewards = torch.as_tensor(val.rewards(cost_model), dtype=torch.float32, device=device)
 
@@ -459,7 +471,13 @@ def pretrain_actor(
             rows = order[start : start + batch_size]
             logits, values = logits_and_values(x[rows])
             log_pi = torch.log_softmax(logits, dim=1)
-            actor_loss = -(targets[rows] * log_pi).sum(dim=1).mean()
+            if objective == "cross_entropy":
+                actor_loss = -(targets[rows] * log_pi).sum(dim=1).mean()
+            else:
+                pi = log_pi.exp()
+                actor_loss = -(
+                    (pi * train_reward_tensor[rows]).sum(dim=1) - temperature * (pi * log_pi).sum(dim=1)
+                ).mean()
             expected = (log_pi.exp().detach() * env_rewards[rows]).sum(dim=1)
             critic_loss = torch.nn.functional.mse_loss(values, expected)
             optimizer.zero_grad()
@@ -479,6 +497,7 @@ def pretrain_actor(
     record = {
         "epochs": epochs,
         "temperature": temperature,
+        "objective": objective,
         "lr": lr,
         "kept_epoch": best[1],
         "val_expected_reward": best[0],
