@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,25 +30,22 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
-@pytest.fixture(scope="module")
-def real_model():
-    from tokenopt.lm.local import TransformersLM
+def test_the_chat_template_wraps_the_question_with_the_system_prompt():
+    from transformers import AutoTokenizer
+
+    from tokenopt.lm.local import encode_prompt, gguf_source
     from tokenopt.prompt import PromptFormat
 
-    fmt = PromptFormat(
-        template=TEMPLATE, answer_cue="\nAnswer:", max_answer_tokens=4, use_chat_template=True,
-        system_prompt="You are a careful assistant.",
-    )  # fmt: skip
-    return TransformersLM(smollm2_gguf(), device="cpu", dtype="float32", prompt_format=fmt)
-
-
-def test_the_chat_template_wraps_the_question_with_the_system_prompt(real_model):
-    ids = real_model.encode_prompt("What is the capital of France?")
-    assert all(isinstance(i, int) for i in ids)
-    text = real_model.tokenizer.decode(ids)
-    assert text.index("You are a careful assistant.") < text.index("What is the capital of France?")
+    folder, extra = gguf_source(smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    fmt = PromptFormat(template=TEMPLATE, answer_cue="\nAnswer:", use_chat_template=True, system_prompt="Be careful.")
+    ids = encode_prompt(tokenizer, fmt, "What is the capital of France?")
+    assert all(isinstance(i, int) for i in ids)  # transformers 5 returns a BatchEncoding: its ids, not its keys
+    text = tokenizer.decode(ids)
+    assert text.index("Be careful.") < text.index("What is the capital of France?")
     assert text.rstrip().endswith("assistant")  # the generation prompt opens the assistant's turn
-    assert real_model.encode_prompt("What is 2 plus 2?") != ids
+    default = tokenizer.decode(encode_prompt(tokenizer, replace(fmt, system_prompt=None), "Hi?"))
+    assert "Be careful." not in default and "Hi?" in default
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):

@@ -181,6 +181,26 @@ def model_source(model: str | Path | None) -> tuple[Path, bool]:
     return path, local
 
 
+def encode_prompt(
+    tokenizer: Any, prompt_format: PromptFormat, question: str, model_name: str = "the model"
+) -> list[int]:
+    """Token ids of a question's prompt: the template, then the chat template when the format asks for it.
+
+    Raises:
+        ValueError: ``use_chat_template`` with a tokenizer that has no chat template.
+    """
+    if prompt_format.use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat-template: the tokenizer of {model_name!r} has no chat template")
+        encoded = tokenizer.apply_chat_template(
+            prompt_format.chat_messages(question), add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list of ids.
+        ids: Any = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
+        return [int(i) for i in ids]
+    return list(tokenizer(prompt_format.prompt_text(question))["input_ids"])
+
+
 def gguf_source(path: Path) -> tuple[str, dict[str, str]]:
     """The folder and ``gguf_file`` argument that load a GGUF checkpoint with transformers.
 
@@ -267,16 +287,7 @@ class TransformersLM:
 
     def encode_prompt(self, question: str) -> list[int]:
         """Token ids of the prompt for a question."""
-        if self.prompt_format.use_chat_template:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"--chat-template: the tokenizer of {self.name!r} has no chat template")
-            encoded = self.tokenizer.apply_chat_template(
-                self.prompt_format.chat_messages(question), add_generation_prompt=True, tokenize=True
-            )
-            # transformers 5 returns a BatchEncoding (a Mapping, not a dict); older versions a list of ids.
-            ids: Any = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
-            return [int(i) for i in ids]
-        return list(self.tokenizer(self.prompt_format.prompt_text(question))["input_ids"])
+        return encode_prompt(self.tokenizer, self.prompt_format, question, self.name)
 
     @property
     def num_layers(self) -> int:
