@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tokenopt.agents.common.evaluation import policy_choices, query_questions
+from tokenopt.agents.common.statistics import bootstrap_intervals
 from tokenopt.agents.export import export_run
 from tokenopt.agents.ppo.train import TrainConfig, train
 from tokenopt.collect import add_features
@@ -42,28 +43,20 @@ RESAMPLES = 2000
 def _intervals(rewards: np.ndarray, chosen: np.ndarray, seed: int) -> dict[str, tuple[float, float, float]]:
     """Reward, reward minus the best fixed action's, and gap recovered, each (value, low, high) at 95%.
 
-    The best fixed action is the split's (as evaluate_actions takes it); the queries are
-    resampled with replacement and every figure recomputed on each resample.
+    The best fixed action is the split's (as evaluate_actions takes it); the intervals are
+    the evaluation's paired bootstrap over queries (agents/common/statistics.py).
     """
-    rows = np.arange(len(chosen))
-    policy = rewards[rows, chosen]
+    policy = rewards[np.arange(len(chosen)), chosen]
     fixed = rewards[:, int(np.argmax(rewards.mean(axis=0)))]
-    oracle = rewards.max(axis=1)
-    indices = np.random.default_rng(seed).integers(0, len(rows), size=(RESAMPLES, len(rows)))
-    spread = oracle[indices].mean(axis=1) - fixed[indices].mean(axis=1)
-    resampled = {
-        "reward": policy[indices].mean(axis=1),
-        "vs_best_fixed": (policy - fixed)[indices].mean(axis=1),
-        "gap_recovered": (policy - fixed)[indices].mean(axis=1) / np.where(spread > 1e-12, spread, np.nan),
-    }
-    point = {
-        "reward": float(policy.mean()),
-        "vs_best_fixed": float((policy - fixed).mean()),
-        "gap_recovered": float((policy - fixed).mean() / max(oracle.mean() - fixed.mean(), 1e-12)),
-    }
+    intervals = bootstrap_intervals(
+        {"reward": policy, "vs_best_fixed": policy - fixed, "margin": rewards.max(axis=1) - fixed},
+        resamples=RESAMPLES,
+        seed=seed,
+        ratios={"gap_recovered": ("vs_best_fixed", "margin")},
+    )
     return {
-        key: (point[key], float(np.nanquantile(values, 0.025)), float(np.nanquantile(values, 0.975)))
-        for key, values in resampled.items()
+        key: (intervals[key].value, intervals[key].low, intervals[key].high)
+        for key in ("reward", "vs_best_fixed", "gap_recovered")
     }
 
 
