@@ -263,6 +263,7 @@ def format_ablation(rows: list[dict[str, Any]], held_out: str | None) -> str:
     cells: dict[tuple[str, float], dict[str, str]] = {}
     for row in rows:
         text = f"{_cell(row['reward'], 3)}; gap {row['gap_recovered'][0]:.2f}"
+        text += f" ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else ""
         cells.setdefault((row["suite"], row["weight"]), {})[row["variant"]] = text
     lines = ["| suite | λ | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
     for (suite, weight), by_variant in cells.items():

@@ -178,7 +178,7 @@ def train(
             "cost_weight": config.cost_weight,
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
-            **settings.env_kwargs,
+            **{k: v for k, v in settings.env_kwargs.items() if k == "reward_baseline"},
         }
     elif config.em_floor is not None or config.token_target is not None:
         raise ValueError(f"--em-floor and --token-target apply to --env budget, not --env {config.env}")
@@ -187,7 +187,8 @@ def train(
     else:
         replay = ReplayTable.load(config.table, matrix)
         env_kwargs = {"replay": replay, "split": "train", "cost_weight": config.cost_weight,
-                      "token_price": config.token_price, **settings.env_kwargs}  # fmt: skip
+                      "token_price": config.token_price,
+                      **{k: v for k, v in settings.env_kwargs.items() if k == "escalate_mode"}}  # fmt: skip
         TokenBudgetProbeEnv(**env_kwargs)  # a bad escalate_mode fails here, with the environment's message
     total = int(config.total_timesteps or settings.n_timesteps)
     # Built through the registered id (gymnasium.make), as a user's own script would.
