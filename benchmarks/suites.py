@@ -38,7 +38,7 @@ import numpy as np
 from tokenopt.agents.common.evaluation import policy_choices, query_questions
 from tokenopt.agents.evaluation.baselines import OperatingPoint
 from tokenopt.agents.evaluation.no_harm import LEARNED_POLICY_DIR, split_figures
-from tokenopt.agents.evaluation.scoreboard import _baseline_points
+from tokenopt.agents.evaluation.scoreboard import baseline_points
 from tokenopt.cost import CostModel
 from tokenopt.runtime import BudgetPolicy
 from tokenopt.table import OutcomeMatrix, ReplayTable, evaluate_actions
@@ -341,7 +341,7 @@ def main() -> None:
         matrix = OutcomeMatrix.from_table(table)
         replay = ReplayTable.load(table, matrix)
         train_r, val_r, test_r = (replay.subset(split) for split in ("train", "val", "test"))
-        points, left_out = _baseline_points(train_r, val_r, test_r, seed=0)
+        points, left_out = baseline_points(train_r, val_r, test_r, seed=0)
         questions = query_questions(table)
         for weight in weights:
             for variant in chosen:

@@ -47,7 +47,7 @@ from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
 from tokenopt.runtime import POLICY_SPEC_FILE
 from tokenopt.table import OutcomeMatrix, action_mix, gap_recovered, load_manifest, reference_rewards
 
-__all__ = ["DEFAULT_SWEEP", "ScoreboardConfig", "envelope", "run_scoreboard"]
+__all__ = ["DEFAULT_SWEEP", "ScoreboardConfig", "baseline_points", "envelope", "run_scoreboard"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ NO_POINTS_REASONS = {
 """Why a baseline the table gives no operating point is left out of the scoreboard."""
 
 
-def _baseline_points(
+def baseline_points(
     train: ReplayTable, val: ReplayTable, test: ReplayTable, seed: int
 ) -> tuple[dict[str, list[OperatingPoint]], dict[str, str]]:
     """Every baseline's operating points on the val and the test split, in the same order.
@@ -335,7 +335,7 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         weights = sorted(set(weights) | {probe[2]})
 
     say("replaying the baselines")
-    points, left_out = _baseline_points(train_r, val_r, test_r, config.seed)
+    points, left_out = baseline_points(train_r, val_r, test_r, config.seed)
     for method, reason in left_out.items():
         logger.info("%s: left out, %s", method, reason)
     methods = [method for method in BASELINES if method not in left_out]
