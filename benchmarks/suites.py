@@ -13,7 +13,7 @@ A finished cell leaves ``cell.json`` in its run folder and is skipped on a rerun
 same settings, so an interrupted sweep resumes where it stopped. Results go to
 ``OUT/results.json`` and, as markdown, to stdout and ``OUT/results.md``.
 
-    python benchmarks/suites.py --table demo=/work/suites-data/demo/table \\
+    python benchmarks/suites.py --table demo=runs/suites/demo/table \\
         --weights 0.01,0.02 --variants none,shaping,warm,both --seeds 0,1 --out runs/suites
 
 Variants are named sets of ``--set`` overrides (see ``VARIANTS``); ``--variant NAME:k=v,k=v``
