@@ -176,3 +176,27 @@ def test_collect_records_lm_hidden_and_a_resumed_collection_keeps_it(tmp_path, d
     collect(CollectConfig(**settings, device="cpu"))
     assert load_manifest(tmp_path / "t")["lm_hidden"] == manifest["lm_hidden"]
     np.testing.assert_array_equal(OutcomeMatrix.from_table(tmp_path / "t").hidden, matrix.hidden)
+
+
+def test_a_server_whose_lm_has_another_hidden_size_refuses_an_lm_hidden_policy(tmp_path, hidden_run):
+    import transformers
+
+    from tokenopt.demo import DEMO_MODEL_DIR
+
+    _, policy_dir, source = hidden_run
+    narrow = tmp_path / "narrow-lm"  # the demo's tokenizer on a Llama half as wide
+    demo_config = transformers.AutoConfig.from_pretrained(DEMO_MODEL_DIR)
+    config = transformers.LlamaConfig(
+        vocab_size=demo_config.vocab_size, hidden_size=source.size // 2, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, eos_token_id=demo_config.eos_token_id,
+        pad_token_id=demo_config.pad_token_id, bos_token_id=demo_config.bos_token_id,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(narrow)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_MODEL_DIR / name, narrow / name)
+    serve = ServeConfig(policy=policy_dir, model=str(narrow), log=tmp_path / "log.sqlite", device="cpu", port=0)
+    with pytest.raises(
+        PolicyLoadError, match=rf"hidden state of size {source.size}.*has hidden size {source.size // 2}"
+    ):
+        create_app(serve)
+    assert not (tmp_path / "log.sqlite").exists() or read_decisions(tmp_path / "log.sqlite").features.shape[0] == 0

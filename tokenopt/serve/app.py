@@ -74,6 +74,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None, load_in_back
     """
     state = ServerState(config=config, backend=backend)
     state.arms = state.load_arms()
+    if state.backend is not None:
+        state.attach(state.backend)  # again, now that the arms are known: their hidden-state needs are checked
     config = state.config = resolve_prompt_format(config, [arm.policy for arm in state.arms.values()])
     state.log = DecisionLog(config.log, {name: arm.describe() for name, arm in state.arms.items()})
     if state.backend is None and not load_in_background:
@@ -84,11 +86,11 @@ def create_app(config: ServeConfig, backend: Backend | None = None, load_in_back
     async def load_backend() -> None:
         try:
             built = await asyncio.to_thread(build_backend, config)
+            state.attach(built)
         except Exception as error:  # reported by /readyz and every request; the process stays up to say so
             state.load_error = f"{type(error).__name__}: {error}"
             logger.error("loading the model failed: %s", state.load_error)
             return
-        state.attach(built)
         state.ready = True
 
     @contextlib.asynccontextmanager

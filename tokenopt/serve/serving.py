@@ -100,6 +100,27 @@ class Arm:
         }
 
 
+def _check_hidden_fits(arms: dict[str, Arm], backend: Backend) -> None:
+    """Refuse an ``lm-hidden`` arm whose recorded hidden state (size, layer) the served LM does not have.
+
+    Only the hidden size and the layer range can be checked: another model of the same
+    width would pass, so the message of a mismatch names the model the policy was fitted on.
+    """
+    lm = getattr(backend, "lm", None)
+    if lm is None or not hasattr(lm, "hidden_size"):
+        return
+    for arm in arms.values():
+        source = getattr(arm.policy.features, "source", None)
+        if not arm.policy.features.needs_hidden or source is None:
+            continue
+        if lm.hidden_size != source.size or not 0 <= source.layer <= lm.num_layers:
+            raise PolicyLoadError(
+                f"{arm.path}: this policy reads layer {source.layer} of a hidden state of size {source.size} "
+                f"(fitted on {source.model!r}); the served LM {getattr(lm, 'name', '?')!r} has hidden size "
+                f"{lm.hidden_size} and {lm.num_layers} layers: serve it with the model its table was collected with"
+            )
+
+
 def _load_policy(path: Path, upstream: bool) -> BudgetPolicy:
     policy = BudgetPolicy.load(path)
     if policy.features.needs_hidden and upstream:
@@ -154,7 +175,12 @@ class ServerState:
             self.attach(self.backend)
 
     def attach(self, backend: Backend) -> None:
-        """Serve through this backend."""
+        """Serve through this backend.
+
+        Raises:
+            PolicyLoadError: an ``lm-hidden`` policy whose hidden state this backend's LM cannot give.
+        """
+        _check_hidden_fits(self.arms, backend)
         self.backend = backend
         self.engine = as_engine(backend)
 
@@ -177,6 +203,8 @@ class ServerState:
         """Swap in freshly loaded policies; requests in flight finish with the old ones."""
         try:
             arms = self.load_arms()
+            if self.backend is not None:
+                _check_hidden_fits(arms, self.backend)
             # The served prompt format stays: a policy collected with another one is refused.
             resolve_prompt_format(self.config, [arm.policy for arm in arms.values()])
         except ValueError as error:  # PolicyLoadError included
