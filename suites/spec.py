@@ -99,15 +99,7 @@ class Suite:
         records: list[dict[str, object]] = []
         for index in range(self.n_questions if n_questions is None else n_questions):
             example = self.example(rng)
-            records.append(
-                {
-                    "id": f"{self.name}-{example.family}-{index:05d}",
-                    "question": example.question,
-                    "answers": [example.answer],
-                    "family": example.family,
-                    "difficulty": example.difficulty,
-                }
-            )
+            records.append(example.record(f"{self.name}-{example.family}-{index:05d}"))
         return records
 
     def build_tokenizer(self) -> PreTrainedTokenizerBase:

@@ -159,6 +159,18 @@ def _probe_settings(spec: dict[str, object], actions: list[dict[str, object]]) -
     return ProbeSettings(str(mode), tuple(checkpoints), float(price), escalate_mode)
 
 
+def _logits(h: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray, str]]) -> np.ndarray:
+    """The network's output for inputs ``h`` (normalised, or raw where the first layer folds the normalisation)."""
+    for weight, bias, activation in layers:
+        h = h @ weight
+        h += bias
+        if activation == "tanh":
+            np.tanh(h, out=h)
+        elif activation == "relu":
+            np.maximum(h, 0.0, out=h)
+    return h
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -392,14 +404,7 @@ class BudgetPolicy:
                 x *= inverse_std
                 np.clip(x, -self.clip, self.clip, out=x)
                 normalized[index] = x
-            h = normalized[index]
-            for weight, bias, activation in layers:
-                h = h @ weight
-                h += bias
-                if activation == "tanh":
-                    np.tanh(h, out=h)
-                elif activation == "relu":
-                    np.maximum(h, 0.0, out=h)
+            h = _logits(normalized[index], layers)
             h -= h.max(axis=1, keepdims=True)
             np.exp(h, out=h)
             h /= h.sum(axis=1, keepdims=True)
@@ -418,13 +423,7 @@ class BudgetPolicy:
         for low, high, layers in self._single:
             h = np.maximum(row, low)
             np.minimum(h, high, out=h)
-            for weight, bias, activation in layers:
-                h = h @ weight
-                h += bias
-                if activation == "tanh":
-                    np.tanh(h, out=h)
-                elif activation == "relu":
-                    np.maximum(h, 0.0, out=h)
+            h = _logits(h, layers)
             if not self._logits_bounded:
                 h -= h.max()
             np.exp(h, out=h)

@@ -91,6 +91,16 @@ class DemoExample:
     """The training distribution over answers after a trace (cut > 0), for families where
     reasoning misleads; empty: the same as ``answer_choices``."""
 
+    def record(self, query_id: str) -> dict[str, object]:
+        """The example as a line of a question file (``tokenopt.data.load_questions``)."""
+        return {
+            "id": query_id,
+            "question": self.question,
+            "answers": [self.answer],
+            "family": self.family,
+            "difficulty": self.difficulty,
+        }
+
 
 def _modular_chain(rng: np.random.Generator, n: int) -> tuple[str, str, str]:
     value = int(rng.integers(0, 10))
@@ -214,15 +224,7 @@ def generate_suite(config: SuiteConfig | None = None) -> list[dict[str, object]]
     records: list[dict[str, object]] = []
     for index in range(config.n_queries):
         example = make_example(rng)
-        records.append(
-            {
-                "id": f"{example.family}-{index:06d}",
-                "question": example.question,
-                "answers": [example.answer],
-                "family": example.family,
-                "difficulty": example.difficulty,
-            }
-        )
+        records.append(example.record(f"{example.family}-{index:06d}"))
     return records
 
 
