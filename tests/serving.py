@@ -46,35 +46,45 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_process(arguments: Sequence[str], timeout: float = 180.0) -> Iterator[str]:
-    """Run ``tokenopt serve ARGUMENTS`` on 127.0.0.1 at a free port until ``/readyz`` says 200; yield its base URL.
+def serve_processes(*arguments: Sequence[str], timeout: float = 180.0) -> Iterator[list[str]]:
+    """Run one ``tokenopt serve ARGUMENTS`` per argument list, each on 127.0.0.1 at a free port; yield their base URLs.
 
-    The process is stopped with SIGTERM (then killed) on exit; a process that dies before it
-    is ready fails with its stderr.
+    The processes start together and are yielded once each ``/readyz`` says 200; they are
+    stopped with SIGTERM (then killed) on exit. One that dies before it is ready fails
+    with its stderr.
     """
-    port = free_port()
-    command = [sys.executable, "-m", "tokenopt.cli", "serve", *arguments, "--port", str(port)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    processes: list[subprocess.Popen[str]] = []
+    urls: list[str] = []
     try:
+        for given in arguments:
+            port = free_port()
+            command = [sys.executable, "-m", "tokenopt.cli", "serve", *given, "--port", str(port)]
+            processes.append(
+                subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            )
+            urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None:
-                raise RuntimeError(f"tokenopt serve exited with {process.returncode}: {process.stderr.read()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tokenopt serve was not ready within {timeout:.0f} s")
-            time.sleep(0.1)
-        yield url
+        for process, url in zip(processes, urls, strict=True):
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None:
+                    stderr = process.stderr.read() if process.stderr else ""
+                    raise RuntimeError(f"tokenopt serve exited with {process.returncode}: {stderr}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"tokenopt serve was not ready within {timeout:.0f} s")
+                time.sleep(0.1)
+        yield urls
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -12,7 +12,7 @@ import sqlite3
 import httpx
 import numpy as np
 import pytest
-from serving import serve_process
+from serving import serve_processes
 from typer.testing import CliRunner
 
 from tokenopt.agents.evaluation.ab_test import ab_report, format_ab_report
@@ -169,11 +169,7 @@ def test_two_serve_processes_are_reported_and_refined_from_together(tmp_path, de
     users = _users_by_arm(0.5)
     sent: dict[str, str] = {}  # request id -> arm
     feedback: dict[str, bool] = {}
-    with (
-        serve_process([*common, "--log", str(logs[0])]) as first,
-        serve_process([*common, "--log", str(logs[1])]) as (second),
-    ):
-        replicas = [first, second]
+    with serve_processes([*common, "--log", str(logs[0])], [*common, "--log", str(logs[1])]) as replicas:
         for i, question in enumerate(QUESTIONS):
             arm = "AB"[i % 2]
             reply = httpx.post(
