@@ -188,9 +188,14 @@ def test_two_serve_processes_are_reported_and_refined_from_together(tmp_path, de
         feedback[ids[4]] = True
         assert httpx.post(f"{replicas[0]}/v1/feedback", json={"id": ids[4], "correct": True}).status_code == 200
 
+    # Alone, replica 1's log holds the one feedback it attached and the two it kept for replica 2's requests.
+    alone = read_decisions(logs[0])
+    assert int((~np.isnan(alone.correct)).sum()) == 1 and sorted(alone.unmatched_feedback) == sorted(ids[2:4])
+
     result = runner.invoke(app, ["ab-report", str(logs[0]), str(logs[1]), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
+    assert report["arms"]["A"]["requests"] + report["arms"]["B"]["requests"] == len(QUESTIONS)
     for arm in ("A", "B"):
         assert report["arms"][arm]["requests"] == sum(1 for value in sent.values() if value == arm)
         with_feedback = [request_id for request_id in feedback if sent[request_id] == arm]
