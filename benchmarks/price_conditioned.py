@@ -12,15 +12,17 @@ interval over the test queries (the seeds' per-query mean when several are given
     python benchmarks/price_conditioned.py --table demo=runs/suites/demo/table \\
         --weights 0.005,0.01,0.02,0.04 --seeds 0 --out runs/suites
 
-Results go to ``OUT/price_conditioned.json`` and, as markdown, to stdout and
-``OUT/price_conditioned.md``. The per-weight policies are the exported ones (after the
-do-no-harm fallback): what a user is shipped.
+Results go to ``OUT/LABEL.json`` and, as markdown, to stdout and ``OUT/LABEL.md``
+(``--label``, default ``conditioned``, also names the conditioned runs' folders). The
+per-weight policies are the exported ones (after the do-no-harm fallback): what a user
+is shipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -42,12 +44,13 @@ TOLERANCE = 0.005
 
 
 def conditioned_cell(
-    table: Path, test: OutcomeMatrix, questions: dict[str, str], run_dir: Path, weights: list[float], seed: int
-) -> dict[str, Any]:
+    table: Path, test: OutcomeMatrix, questions: dict[str, str], run_dir: Path, weights: list[float], seed: int,
+    extra: list[str],
+) -> dict[str, Any]:  # fmt: skip
     """Train the price-conditioned policy (unless ``cell.json`` has the same settings); its test picks per weight."""
     low, high = min(weights), max(weights)
     default = float(np.sqrt(low * high))
-    extra = ["--cost-weight-range", f"{low:g}:{high:g}"]
+    extra = ["--cost-weight-range", f"{low:g}:{high:g}", *extra]
     settings = {"table": str(table), "weights": weights, "seed": seed, "extra": extra}
     cell_path = run_dir / CELL_FILE
     if cell_path.is_file():
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     parser.add_argument("--out", default="runs/suites", help="where the runs and results go (shared with suites.py)")
     parser.add_argument("--held-out", default=None, help="the suite kept out of tuning (marked in the table)")
+    parser.add_argument("--label", default="conditioned", help="the conditioned runs' folder name, OUT/<suite>/LABEL/")
+    parser.add_argument("--train-args", default="", help="more `tokenopt train` options for the conditioned runs")
     args = parser.parse_args()
 
     import torch
@@ -160,16 +165,16 @@ def main() -> None:
                 cell = run_cell(table, test, questions, run_dir, weight, seed, {}, [])
                 singles[weight].append(cell["test_columns"]["shipped"])
             print(f"{suite} conditioned seed {seed} ...", file=sys.stderr, flush=True)
-            run_dir = out / suite / "conditioned" / f"seed-{seed}"
-            cell = conditioned_cell(table, test, questions, run_dir, weights, seed)
+            run_dir = out / suite / args.label / f"seed-{seed}"
+            cell = conditioned_cell(table, test, questions, run_dir, weights, seed, shlex.split(args.train_args))
             for weight in weights:
                 conditioned[weight].append(cell["test_columns"][f"{weight:g}"])
         for weight in weights:
             rows.append(compare(suite, weight, test, singles[weight], conditioned[weight]))
             print(format_rows(rows[-1:], args.held_out).splitlines()[-1], file=sys.stderr, flush=True)
-        (out / "price_conditioned.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
+        (out / f"{args.label}.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
     table_md = format_rows(rows, args.held_out)
-    (out / "price_conditioned.md").write_text(table_md + "\n", encoding="utf-8")
+    (out / f"{args.label}.md").write_text(table_md + "\n", encoding="utf-8")
     print(table_md)
 
 

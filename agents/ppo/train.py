@@ -38,6 +38,10 @@ __all__ = ["TrainConfig", "TrainResult", "config_field_names", "train"]
 
 logger = logging.getLogger(__name__)
 
+PRICE_STEPS_FACTOR = 3
+"""With ``cost_weight_range`` and no ``total_timesteps``: the YAML's ``n_timesteps`` times this (early stopping
+still applies). At 1x the conditioned policy trailed per-weight policies at the range's high end on every suite."""
+
 
 @dataclass
 class TrainConfig(CostSettings):
@@ -213,7 +217,8 @@ def train(
                       "token_price": config.token_price,
                       **{k: v for k, v in settings.env_kwargs.items() if k == "escalate_mode"}}  # fmt: skip
         TokenBudgetProbeEnv(**env_kwargs)  # a bad escalate_mode fails here, with the environment's message
-    total = int(config.total_timesteps or settings.n_timesteps)
+    # One price-conditioned policy replaces a sweep of per-weight runs, and learns the decision at every price.
+    total = int(config.total_timesteps or settings.n_timesteps * (PRICE_STEPS_FACTOR if price_range else 1))
     # Built through the registered id (gymnasium.make), as a user's own script would.
     # render_mode None: the environments do not render (SB3 asks gymnasium.make for rgb_array otherwise).
     env_kwargs["render_mode"] = None
