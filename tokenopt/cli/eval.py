@@ -13,14 +13,25 @@ __all__ = ["SCOREBOARD_OPTIONS", "eval_command"]
 
 SCOREBOARD_OPTIONS = ConfigOptions(
     "tokenopt.agents.evaluation.scoreboard:ScoreboardConfig",
-    fields=("policy", "table", "split", "out", "cost_weights", "total_timesteps", "seed", "sweep_dir", "probe_run"),
+    fields=(
+        "policy",
+        "table",
+        "split",
+        "out",
+        "cost_weights",
+        "total_timesteps",
+        "seed",
+        "sweep_dir",
+        "probe_run",
+        "conditioned",
+    ),
     flags={
         "policy": Flag(argument=True, help="Run folder (with policy/) or exported policy folder."),
         "split": Flag(help="Split to report (baselines fit on train, chosen on val)."),
         "out": Flag(help="Folder for report.md, report.json, PNG plots and tb/."),
         "seed": Flag(help="Seed of the baselines' classifiers."),
     },
-    paths=("policy", "table", "out", "sweep_dir", "probe_run"),
+    paths=("policy", "table", "out", "sweep_dir", "probe_run", "conditioned"),
 )
 
 
