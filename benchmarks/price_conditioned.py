@@ -47,30 +47,32 @@ def conditioned_cell(
     table: Path, test: OutcomeMatrix, questions: dict[str, str], run_dir: Path, weights: list[float], seed: int,
     extra: list[str],
 ) -> dict[str, Any]:  # fmt: skip
-    """Train the price-conditioned policy (unless ``cell.json`` has the same settings); its test picks per weight."""
+    """Train the price-conditioned policy (unless ``cell.json`` has the same settings); its test picks per weight.
+
+    The picks are recomputed from ``RUN/policy/`` on every call, so a policy exported again (e.g. after a
+    change to the do-no-harm rule) is scored without training again.
+    """
     low, high = min(weights), max(weights)
     default = float(np.sqrt(low * high))
     extra = ["--cost-weight-range", f"{low:g}:{high:g}", *extra]
     settings = {"table": str(table), "weights": weights, "seed": seed, "extra": extra}
     cell_path = run_dir / CELL_FILE
+    cell: dict[str, Any] | None = None
     if cell_path.is_file():
         cell = json.loads(cell_path.read_text(encoding="utf-8"))
-        if cell.get("settings") == settings:
-            return dict(cell)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    seconds, output = train_cell(table, run_dir, default, seed, {}, extra)
+        if cell.get("settings") != settings:
+            cell = None
+    if cell is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        seconds, output = train_cell(table, run_dir, default, seed, {}, extra)
+        summary = json.loads((run_dir / "training.json").read_text(encoding="utf-8"))
+        cell = {"settings": settings, "seconds": seconds, "timesteps": summary.get("timesteps"),
+                "best_val": summary.get("best_val"), "output": output[-2000:]}  # fmt: skip
+        cell_path.write_text(json.dumps(cell, indent=2) + "\n", encoding="utf-8")
     policy = BudgetPolicy.load(run_dir / "policy")
-    summary = json.loads((run_dir / "training.json").read_text(encoding="utf-8"))
-    cell = {
-        "settings": settings,
-        "seconds": seconds,
-        "timesteps": summary.get("timesteps"),
-        "best_val": summary.get("best_val"),
-        "test_columns": {f"{w:g}": policy_choices(policy, test, questions, w).tolist() for w in weights},
-        "output": output[-2000:],
-    }
-    cell_path.write_text(json.dumps(cell, indent=2) + "\n", encoding="utf-8")
+    cell["fallback"] = policy.fallback is not None
+    cell["test_columns"] = {f"{w:g}": policy_choices(policy, test, questions, w).tolist() for w in weights}
     return cell
 
 
