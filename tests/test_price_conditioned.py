@@ -9,7 +9,7 @@ import pytest
 
 from tokenopt.cost import parse_cost_weight_range, with_price
 from tokenopt.envs import TokenBudgetEnv
-from tokenopt.runtime import BudgetPolicy
+from tokenopt.runtime import BudgetPolicy, PolicyLoadError
 
 
 @pytest.mark.parametrize(
@@ -99,3 +99,33 @@ def test_scoreboard_draws_the_conditioned_policy_beside_the_per_weight_one(
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"lie outside it"):
         run_scoreboard(outside)
+
+
+def test_do_no_harm_holds_at_every_price(conditioned_policy, tmp_path):
+    import shutil
+
+    from tokenopt.agents.evaluation.no_harm import apply_no_harm, format_no_harm
+
+    run = tmp_path / "run"
+    shutil.copytree(conditioned_policy.parent, run)
+    result = apply_no_harm(run)
+    assert result is not None and result["price_conditioned"]
+    assert [v["cost_weight"] for v in result["verdicts"]] == pytest.approx([0.003, 0.00603, 0.01225, 0.02466, 0.05],
+                                                                            rel=1e-2)  # fmt: skip
+    failed = [v for v in result["verdicts"] if not v["beats_fixed"]]
+    assert result["fallback"] == bool(failed) and bool(result["price_fallback"]) == bool(failed)
+    assert "do no harm at every price" in format_no_harm(result)
+
+    # A price interval of the fallback picks its fixed action there, and the network decides elsewhere.
+    spec = json.loads((run / "policy" / "policy.json").read_text())
+    spec["price_fallback"] = [{"low": 0.003, "high": 0.004, "action": "b32/greedy"}]
+    (run / "policy" / "policy.json").write_text(json.dumps(spec))
+    policy, learned = BudgetPolicy.load(run / "policy"), BudgetPolicy.load(conditioned_policy)
+    prompt = "C 3+4*2-5?"
+    assert policy.decide(prompt, cost_weight=0.0035).action == "b32/greedy"
+    assert policy.decide_batch([prompt, prompt], cost_weight=np.array([0.0035, 0.03]))[0].action == "b32/greedy"
+    assert policy.decide(prompt, cost_weight=0.03).action == learned.decide(prompt, cost_weight=0.03).action
+    spec["price_fallback"] = [{"low": 0.001, "high": 0.004, "action": "b32/greedy"}]
+    (run / "policy" / "policy.json").write_text(json.dumps(spec))
+    with pytest.raises(PolicyLoadError, match="must lie in 0.003:0.05"):
+        BudgetPolicy.load(run / "policy")
