@@ -428,6 +428,8 @@ class ClearModel:
 
     exact_match: RidgePredictor
     billed_tokens: RidgePredictor
+    ladders: list[list[int]]
+    """Each mode's action columns by increasing budget."""
 
     @classmethod
     def fit(cls, train: ReplayTable, val: ReplayTable) -> ClearModel:
@@ -436,7 +438,20 @@ class ClearModel:
         return cls(
             RidgePredictor(0.0, 1.0).fit(x, m.exact_match, x_val, m_val.exact_match),
             RidgePredictor(0.0).fit(x, m.billed_tokens, x_val, m_val.billed_tokens),
+            [train.ladder(mode) for mode in train.mode_names],
         )
+
+    def predict(self, replay: ReplayTable) -> tuple[np.ndarray, np.ndarray]:
+        """(queries, actions) predicted EM and billed tokens of ``replay``'s queries.
+
+        A larger budget of one mode is never predicted to bill less (it never reasons
+        less), so within a mode the smallest budget is the cheapest, as it is in fact.
+        """
+        x = _features(replay)
+        tokens = self.billed_tokens.predict(x)
+        for ladder in self.ladders:
+            tokens[:, ladder] = np.maximum.accumulate(tokens[:, ladder], axis=1)
+        return self.exact_match.predict(x), tokens
 
 
 def clear_point(model: ClearModel, replay: ReplayTable, total_budget: float, setting: str) -> OperatingPoint:
@@ -452,8 +467,7 @@ def clear_point(model: ClearModel, replay: ReplayTable, total_budget: float, set
     Raises:
         ValueError: as :func:`clear_allocation` (e.g. a budget below the cheapest actions').
     """
-    x = _features(replay)
-    utility, cost = model.exact_match.predict(x), model.billed_tokens.predict(x)
+    utility, cost = model.predict(replay)
     allocation = clear_allocation(utility, cost, total_budget, billed=replay.matrix.billed_tokens)
     return _point("CLEAR-style", setting, replay, allocation.columns)
 
@@ -464,17 +478,26 @@ def clear_points(train: ReplayTable, val: ReplayTable, targets: list[ReplayTable
     For every action of the table, the total budget on a target split is what that
     fixed action bills there, so each setting is compared with a fixed action at
     exactly equal spend on the same queries (see :func:`clear_allocation` and
-    :func:`clear_point`).
+    :func:`clear_point`). An action whose spend is below what the cheapest predicted
+    actions bill on some target (the cheapest fixed action's, when the predictions
+    put another action first) gives no setting.
 
     Returns:
-        For each target table, its operating points (one per action's spend).
+        For each target table, its operating points (one per action's spend, in the
+        same order on every target).
     """
     model = ClearModel.fit(train, val)
     points: list[list[OperatingPoint]] = [[] for _ in targets]
-    for target, out in zip(targets, points, strict=True):
-        m = target.matrix
-        for j, name in enumerate(m.actions):
-            out.append(clear_point(model, target, float(m.billed_tokens[:, j].sum()), f"at the spend of {name}"))
+    for j, name in enumerate(train.matrix.actions):
+        try:
+            settings = [
+                clear_point(model, target, float(target.matrix.billed_tokens[:, j].sum()), f"at the spend of {name}")
+                for target in targets
+            ]
+        except ValueError:
+            continue  # below the cheapest predicted allocation on some target
+        for out, point in zip(points, settings, strict=True):
+            out.append(point)
     return points
 
 
