@@ -616,9 +616,11 @@ def format_stream_section(stream: dict[str, Any]) -> list[str]:
         "",
         f"The stream policy (`{stream['policy']}`), replayed on TokenBudgetStream-v0 over the split's "
         f"{stream['queries']} queries, billed {stream['total_tokens']:.0f} tokens in all. CLEAR-style allocates "
-        "exactly that total across the split through one shadow price on the EM and billed tokens it predicts "
+        "at most that total across the split through one shadow price on the EM and billed tokens it predicts "
         "per action from the prompt features (fitted on train); fixed is the most accurate single action that "
-        "spends no more. Each figure with its 95% bootstrap interval over the queries (the last column paired).",
+        "spends no more. The stream policy sees its queries one at a time and holds each stream's budget; "
+        "CLEAR-style sees the whole split at once (offline, as CLEAR allocates). Each figure with its 95% "
+        "bootstrap interval over the queries (the last column paired).",
         "",
         "| method | setting | EM | mean billed tokens | total billed tokens | stream policy EM minus this |",
         "|---|---|---|---|---|---|",

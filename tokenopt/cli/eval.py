@@ -24,6 +24,7 @@ SCOREBOARD_OPTIONS = ConfigOptions(
         "sweep_dir",
         "probe_run",
         "stream_run",
+        "stream_passes",
     ),
     flags={
         "policy": Flag(argument=True, help="Run folder (with policy/) or exported policy folder."),
