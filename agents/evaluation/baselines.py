@@ -55,12 +55,15 @@ __all__ = [
     "clear_allocation",
     "clear_point",
     "clear_points",
+    "clear_stream_point",
     "deer_points",
     "dynasor_points",
     "fixed_points",
     "probe_controller_point",
     "probe_oracle_point",
     "router_points",
+    "stream_environment",
+    "stream_orders",
     "stream_policy_point",
     "tale_points",
 ]
@@ -665,6 +668,60 @@ def probe_controller_point(
     )
 
 
+def stream_environment(replay: ReplayTable) -> Any:
+    """TokenBudgetStream-v0 on ``replay``'s split, with the environment's default stream length and budget."""
+    from tokenopt.envs import TableSource, TokenBudgetStreamEnv
+
+    return TokenBudgetStreamEnv(source=TableSource(replay.matrix, str(replay.matrix.splits[0])))
+
+
+def stream_orders(queries: int, length: int, passes: int, seed: int) -> list[np.ndarray]:
+    """Each pass's seeded order of a split's queries, completed to whole streams of ``length``.
+
+    The last, shorter stream is completed with queries from the start of the order;
+    positions at or past ``queries`` are padding, whose second answers are not counted.
+
+    Raises:
+        ValueError: ``passes`` < 1.
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1; got {passes}")
+    orders = []
+    for p in range(passes):
+        order = np.random.default_rng(seed * 7919 + p).permutation(queries)
+        orders.append(np.concatenate([order, order[: (-queries) % length]]))
+    return orders
+
+
+def clear_stream_point(
+    model: ClearModel, replay: ReplayTable, stream_budget: float, length: int, passes: int = 4, seed: int = 0
+) -> OperatingPoint:
+    """CLEAR-style within each stream of the stream policy's replay, at the stream environment's budget.
+
+    The streams are :func:`stream_orders`' (the same as :func:`stream_policy_point`
+    replays, padding left out); each is a batch that :func:`clear_point` allocates
+    offline with ``stream_budget`` (cut in proportion for the last, shorter stream).
+
+    Returns:
+        Per query, the mean exact match and billed tokens over the passes.
+
+    Raises:
+        ValueError: a stream's budget is below its cheapest predicted allocation, or
+            ``passes`` < 1.
+    """
+    n = len(replay.matrix.ids)
+    exact, billed = np.zeros(n), np.zeros(n)
+    for padded in stream_orders(n, length, passes, seed):
+        order = padded[:n]
+        for start in range(0, n, length):
+            queries = order[start : start + length]
+            point = clear_point(model, replay.take(queries), stream_budget * len(queries) / length, "")
+            exact[queries] += point.exact_match / passes
+            billed[queries] += point.billed_tokens / passes
+    setting = f"each stream of {length} queries, {stream_budget / length:.2f} tokens a query"
+    return OperatingPoint("CLEAR-style", setting, exact, billed)
+
+
 def stream_policy_point(policy: BudgetPolicy, replay: ReplayTable, passes: int = 4, seed: int = 0) -> OperatingPoint:
     """The stream policy (``tokenopt train --env stream``), replayed on TokenBudgetStream-v0 over a split.
 
@@ -686,21 +743,15 @@ def stream_policy_point(policy: BudgetPolicy, replay: ReplayTable, passes: int =
     Raises:
         ValueError: the policy is not a stream policy, or ``passes`` < 1.
     """
-    from tokenopt.envs import TableSource, TokenBudgetStreamEnv
-
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1; got {passes}")
     if len(policy.extra_inputs) != 2 or policy.probe is not None:
         raise ValueError(f"{policy.policy_id} is not a stream policy (trained on {policy.spec.get('env_id')!r})")
     m = replay.matrix
-    env = TokenBudgetStreamEnv(source=TableSource(m, str(m.splits[0])))
+    env = stream_environment(replay)
     n, length = len(m.ids), env.stream_length
     column = {name: j for j, name in enumerate(m.actions)}
     exact, billed = np.zeros(n), np.zeros(n)
     first_actions = np.zeros(n, dtype=np.int64)
-    for p in range(passes):
-        order = np.random.default_rng(seed * 7919 + p).permutation(n)
-        padded = np.concatenate([order, order[: (-n) % length]])
+    for p, padded in enumerate(stream_orders(n, length, passes, seed)):
         for start in range(0, len(padded), length):
             stream = padded[start : start + length]
             observation, _ = env.reset(options={"order": stream})

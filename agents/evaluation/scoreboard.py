@@ -42,12 +42,14 @@ from tokenopt.agents.evaluation.baselines import (
     adaptive_consistency_points,
     clear_point,
     clear_points,
+    clear_stream_point,
     deer_points,
     dynasor_points,
     fixed_points,
     probe_controller_point,
     probe_oracle_point,
     router_points,
+    stream_environment,
     stream_policy_point,
     tale_points,
 )
@@ -71,6 +73,7 @@ PROBE_RULES = ("Dynasor-style", "DEER-style")
 """The baselines that, like the probe controller, probe the answer at budget checkpoints."""
 
 POLICY, PROBE, STREAM = "tokenopt policy", "tokenopt probe controller", "tokenopt stream policy"
+CLEAR_PER_STREAM = "CLEAR-style, per stream"
 
 
 @dataclass
@@ -500,7 +503,9 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         stream_point = stream_policy_point(
             BudgetPolicy.load(stream_dir), test_r, passes=config.stream_passes, seed=config.seed
         )
-        stream = _stream_comparison(stream_point, train_r, val_r, test_r, points["test"], curves, config.seed)
+        stream = _stream_comparison(
+            stream_point, train_r, val_r, test_r, points["test"], curves, config.stream_passes, config.seed
+        )
         stream["policy"] = str(stream_dir)
     report = {
         "table": config.table,
@@ -552,26 +557,32 @@ def _stream_comparison(
     test: ReplayTable,
     points: list[OperatingPoint],
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    passes: int,
     seed: int,
 ) -> dict[str, Any]:
     """The stream policy against the CLEAR-style allocation and the fixed actions at its total spend.
 
     Rows, each with 95% paired-bootstrap intervals over the split's queries: the stream
-    policy; the CLEAR-style allocation of exactly its total billed tokens (left out,
-    with the reason, when that is below the cheapest action of every query); the most
-    accurate fixed action that spends no more. Their EM and the stream policy's EM minus
+    policy; the CLEAR-style allocation of exactly its total billed tokens across the
+    split (left out, with the reason, when that is below the cheapest predicted actions);
+    CLEAR-style within each of the replay's streams at the environment's budget; the
+    most accurate fixed action that spends no more than the stream policy. Their EM and the stream policy's EM minus
     theirs are compared (TokenBudgetStream-v0 rewards EM; the budget is its only cost).
     Every baseline curve's EM at the stream policy's mean tokens comes with them.
     """
     total = float(stream.billed_tokens.sum())
     picked: dict[str, OperatingPoint] = {}
     left_out: dict[str, str] = {}
+    model = ClearModel.fit(train, val)
     try:
-        picked["CLEAR-style"] = clear_point(
-            ClearModel.fit(train, val), test, total, f"its total spend, {total:.0f} tokens"
-        )
+        picked["CLEAR-style"] = clear_point(model, test, total, f"its total spend across the split, {total:.0f} tokens")
     except ValueError as error:
         left_out["CLEAR-style"] = str(error)
+    env = stream_environment(test)
+    try:
+        picked[CLEAR_PER_STREAM] = clear_stream_point(model, test, env.total_budget, env.stream_length, passes, seed)
+    except ValueError as error:
+        left_out[CLEAR_PER_STREAM] = str(error)
     affordable = [p for p in points if p.method == "fixed" and p.billed_tokens.sum() <= total + 1e-9]
     if affordable:
         picked["fixed"] = max(affordable, key=lambda p: (p.em, -p.tokens))
@@ -617,10 +628,11 @@ def format_stream_section(stream: dict[str, Any]) -> list[str]:
         f"The stream policy (`{stream['policy']}`), replayed on TokenBudgetStream-v0 over the split's "
         f"{stream['queries']} queries, billed {stream['total_tokens']:.0f} tokens in all. CLEAR-style allocates "
         "at most that total across the split through one shadow price on the EM and billed tokens it predicts "
-        "per action from the prompt features (fitted on train); fixed is the most accurate single action that "
-        "spends no more. The stream policy sees its queries one at a time and holds each stream's budget; "
-        "CLEAR-style sees the whole split at once (offline, as CLEAR allocates). Each figure with its 95% "
-        "bootstrap interval over the queries (the last column paired).",
+        "per action from the prompt features (fitted on train); CLEAR-style, per stream, allocates each of the "
+        "replay's streams the environment's budget the same way; fixed is the most accurate single action that "
+        "spends no more than the stream policy. The stream policy sees its queries one at a time and holds each "
+        "stream's budget; CLEAR-style sees the whole batch at once (offline, as CLEAR allocates). Each figure "
+        "with its 95% bootstrap interval over the queries (the last column paired).",
         "",
         "| method | setting | EM | mean billed tokens | total billed tokens | stream policy EM minus this |",
         "|---|---|---|---|---|---|",
