@@ -9,7 +9,14 @@ from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-HEAVY_FIXTURES = {"demo_table", "demo_policy", "probe_training", "escalating_probe_training", "probe_run"}
+HEAVY_FIXTURES = {
+    "demo_table",
+    "demo_policy",
+    "conditioned_policy",
+    "probe_training",
+    "escalating_probe_training",
+    "probe_run",
+}
 """Fixtures that collect the 1,500-query demo table or train on it: minutes on 2 cores."""
 
 
@@ -62,6 +69,21 @@ def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> P
 
     run = tmp_path_factory.mktemp("serve_policy") / "run"
     train(TrainConfig(table=str(demo_table), out=str(run), total_timesteps=12_288, eval_freq=4096, seed=0))
+    return export_run(run)
+
+
+@pytest.fixture(scope="session")
+def conditioned_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> Path:
+    """A price-conditioned policy (lambda 0.003 to 0.05) trained briefly on the demo table and exported."""
+    from tokenopt.agents.export import export_run
+    from tokenopt.agents.ppo.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("conditioned_policy") / "run"
+    config = TrainConfig(
+        table=str(demo_table), out=str(run), total_timesteps=24_576, eval_freq=8192, seed=0,
+        cost_weight_range="0.003:0.05",
+    )  # fmt: skip
+    train(config)
     return export_run(run)
 
 

@@ -74,6 +74,7 @@ PROBE_RULES = ("Dynasor-style", "DEER-style")
 
 POLICY, PROBE, STREAM = "tokenopt policy", "tokenopt probe controller", "tokenopt stream policy"
 CLEAR_PER_STREAM = "CLEAR-style, per stream"
+CONDITIONED = "tokenopt price-conditioned policy"
 
 
 @dataclass
@@ -101,6 +102,9 @@ class ScoreboardConfig:
     probe_run: str | None = None
     """A ``tokenopt train --env probe`` run (or its policy folder) to score as well; the sweep
     trains one controller per missing weight with the run's settings (reused if there)."""
+    conditioned: str | None = None
+    """A price-conditioned run or policy (``train --cost-weight-range``), scored at every weight of the
+    sweep inside its range and drawn as one curve beside the per-weight policies."""
     stream_run: str | None = None
     """A ``tokenopt train --env stream`` run (or its policy folder), compared with the CLEAR-style
     allocation and the fixed actions at its measured total spend."""
@@ -179,13 +183,13 @@ def _resolve_policy(path: Path) -> tuple[Path, Path | None]:
 
 
 def _policy_columns(
-    policy_dir: Path, matrix: OutcomeMatrix, questions: dict[str, str], manifest: dict[str, Any]
+    policy_dir: Path, matrix: OutcomeMatrix, questions: dict[str, str], manifest: dict[str, Any], weight: float
 ) -> np.ndarray:
     from tokenopt.runtime import BudgetPolicy
 
     policy = BudgetPolicy.load(policy_dir)
     check_policy_fits_table(policy, manifest, str(policy_dir))
-    return policy_choices(policy, matrix, questions)
+    return policy_choices(policy, matrix, questions, weight)
 
 
 def _load_probe_controller(policy_dir: Path, manifest: dict[str, Any]) -> Any:
@@ -341,12 +345,30 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     policy_dir, run = _resolve_policy(Path(config.policy))
     from tokenopt.runtime import BudgetPolicy
 
-    check_policy_fits_table(BudgetPolicy.load(policy_dir), manifest, str(policy_dir))  # before any work
+    main_policy = BudgetPolicy.load(policy_dir)
+    check_policy_fits_table(main_policy, manifest, str(policy_dir))  # before any work
     policy_meta = json.loads((policy_dir / POLICY_SPEC_FILE).read_text(encoding="utf-8")).get("metadata", {})
     default_weight = float(
         config.cost_weight if config.cost_weight is not None else policy_meta.get("cost_weight", DEFAULT_COST_WEIGHT)
     )
     weights = sorted(set(config.cost_weights) | {default_weight})
+    conditioned_dir: Path | None = None
+    conditioned_weights: list[float] = []
+    if config.conditioned is not None:
+        conditioned_dir = _resolve_policy(Path(config.conditioned))[0]
+        conditioned = BudgetPolicy.load(conditioned_dir)
+        check_policy_fits_table(conditioned, manifest, str(conditioned_dir))
+        if conditioned.cost_weight_range is None:
+            raise ValueError(
+                f"{conditioned_dir} was trained for one cost weight; --conditioned takes a price-conditioned "
+                "policy (`tokenopt train --cost-weight-range LOW:HIGH`)"
+            )
+        low, high = conditioned.cost_weight_range
+        conditioned_weights = [w for w in weights if low <= w <= high]
+        if not conditioned_weights:
+            raise ValueError(
+                f"no cost weight of the sweep {weights} lies in {conditioned_dir}'s range {low:g}:{high:g}"
+            )
     probe: tuple[Path, Path | None, float] | None = None
     if config.probe_run is not None:
         probe_dir, probe_source = _resolve_policy(Path(config.probe_run))
@@ -371,6 +393,15 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         default_weight: policy_dir,
         **{float(w): Path(p) for w, p in config.extra_policies.items()},
     }
+    if main_policy.cost_weight_range is not None:  # one policy serves every weight of its range
+        low, high = main_policy.cost_weight_range
+        outside = [w for w in weights if not low <= w <= high]
+        if outside:
+            raise ValueError(
+                f"{policy_dir} is price-conditioned for {low:g}:{high:g}; the sweep's weights {outside} lie outside "
+                "it: give --cost-weights inside the range"
+            )
+        policies |= {weight: policy_dir for weight in weights if weight not in policies}
     for weight in weights:
         if weight not in policies:
             say(f"training the sweep's policy for cost weight {weight:g}")
@@ -388,10 +419,19 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             probe_points[weight] = probe_controller_point(controller, test_r, questions, f"lambda {weight:g}")
     policy_points: dict[float, OperatingPoint] = {}
     for weight in weights:
-        columns = _policy_columns(policies[weight], test_r.matrix, questions, manifest)
+        columns = _policy_columns(policies[weight], test_r.matrix, questions, manifest, weight)
         rows = np.arange(len(columns))
         policy_points[weight] = OperatingPoint(
             "tokenopt policy", f"lambda {weight:g}", test_r.matrix.exact_match[rows, columns],
+            test_r.matrix.billed_tokens[rows, columns], columns,
+        )  # fmt: skip
+    conditioned_points: dict[float, OperatingPoint] = {}
+    for weight in conditioned_weights:
+        assert conditioned_dir is not None
+        columns = _policy_columns(conditioned_dir, test_r.matrix, questions, manifest, weight)
+        rows = np.arange(len(columns))
+        conditioned_points[weight] = OperatingPoint(
+            CONDITIONED, f"lambda {weight:g}", test_r.matrix.exact_match[rows, columns],
             test_r.matrix.billed_tokens[rows, columns], columns,
         )  # fmt: skip
 
@@ -406,6 +446,9 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     if probe_points:
         probe_sweep = [probe_points[w] for w in weights]
         curves[PROBE] = envelope(np.array([p.tokens for p in probe_sweep]), np.array([p.em for p in probe_sweep]))
+    if conditioned_points:
+        mine = list(conditioned_points.values())
+        curves[CONDITIONED] = envelope(np.array([p.tokens for p in mine]), np.array([p.em for p in mine]))
     greedy_ladder = test_r.ladder("greedy") if "greedy" in test_r.mode_names else [int(np.argmax(test_r.budgets))]
     reference = greedy_ladder[-1]
     reference_em = float(test_r.matrix.exact_match[:, reference].mean())
@@ -481,6 +524,14 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
                     "reward": _reward(ceiling, cost_model, prompt["test"]),
                 }
             }
+        if weight in conditioned_points:
+            point = conditioned_points[weight]
+            row = _row(CONDITIONED, f"lambda {weight:g}", point, _reward(point, cost_model, prompt["test"]), best_fixed,
+                       oracle_reward)  # fmt: skip
+            per_lambda = {POLICY: _query_rewards(policy, cost_model, prompt["test"])}
+            rows_out.append(_with_intervals(row, point, test_r, cost_model, config.seed, per_lambda))
+            entry["conditioned_minus_policy"] = minus = row["reward_minus"][POLICY]
+            row["policy_minus"] = {"diff": -minus["diff"], "ci": [-minus["ci"][1], -minus["ci"][0]]}
         per_weight.append(entry)
 
     summary = {}
@@ -540,13 +591,17 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         "points": [{"method": p.method, "setting": p.setting, "em": p.em, "tokens": p.tokens} for p in points["test"]],
         "policies": {f"{w:g}": str(p) for w, p in policies.items()},
         "probe_controllers": {f"{w:g}": str(p) for w, p in probe_policies.items()},
+        "conditioned": str(conditioned_dir) if conditioned_dir is not None else None,
         "action_mix": _action_mix(test_r, policy_points[default_weight].actions, default_weight),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(format_report(report), encoding="utf-8")
     if config.plots:
         say("plotting")
-        _plots(out, report, points["test"], policy_points, probe_points, test_r, default_weight, stream_point)
+        _plots(
+            out, report, points["test"], policy_points, probe_points, test_r, default_weight, conditioned_points,
+            stream_point,
+        )  # fmt: skip
     return report
 
 
@@ -861,6 +916,7 @@ def _plots(
     probe_points: dict[float, OperatingPoint],
     replay: ReplayTable,
     default_weight: float,
+    conditioned_points: dict[float, OperatingPoint] | None = None,
     stream_point: OperatingPoint | None = None,
 ) -> None:
     import matplotlib
@@ -889,6 +945,10 @@ def _plots(
         axis.plot([probe_points[w].tokens for w in weights], [probe_points[w].em for w in weights],
                   color=_COLORS[PROBE], lw=2, marker="P", markersize=10, zorder=6,
                   label="tokenopt probe controller (one per cost weight λ)")  # fmt: skip
+    if conditioned_points:
+        mine = [conditioned_points[w] for w in sorted(conditioned_points)]
+        axis.plot([p.tokens for p in mine], [p.em for p in mine], color="darkorange", lw=2, marker="o", markersize=8,
+                  ls="--", zorder=7, label="tokenopt price-conditioned policy (one for every λ)")  # fmt: skip
     if stream_point is not None:
         axis.scatter([stream_point.tokens], [stream_point.em], color="black", marker="D", s=60, zorder=7,
                      label="tokenopt stream policy (its total budget)")  # fmt: skip

@@ -23,6 +23,7 @@ SCOREBOARD_OPTIONS = ConfigOptions(
         "seed",
         "sweep_dir",
         "probe_run",
+        "conditioned",
         "stream_run",
         "stream_passes",
     ),
@@ -32,7 +33,7 @@ SCOREBOARD_OPTIONS = ConfigOptions(
         "out": Flag(help="Folder for report.md, report.json, PNG plots and tb/."),
         "seed": Flag(help="Seed of the baselines' classifiers."),
     },
-    paths=("policy", "table", "out", "sweep_dir", "probe_run", "stream_run"),
+    paths=("policy", "table", "out", "sweep_dir", "probe_run", "conditioned", "stream_run"),
 )
 
 
