@@ -255,6 +255,11 @@ def _check_policy(policy: BudgetPolicy, path: Path) -> None:
             f"--init-from {path} is a TokenBudgetProbe-v0 controller (answer or continue at checkpoints); "
             "--from-log refines policies that pick a (budget, mode) per request"
         )
+    if policy.cost_weight_range is not None:
+        raise ValueError(
+            f"--init-from {path} is price-conditioned (log lambda is an input); --from-log refines policies "
+            "trained for one cost weight: refine its table with `tokenopt train --cost-weight-range` instead"
+        )
     outputs = policy.members[0][-1][0].shape[1]
     if outputs != len(policy.actions):
         raise ValueError(f"--init-from {path}: {outputs} outputs for {len(policy.actions)} actions")
