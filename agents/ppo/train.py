@@ -273,7 +273,7 @@ def train(
         "algo": config.algo,
         "env": env_id,
         "cost_weight": config.cost_weight,
-        "cost_weight_range": config.cost_weight_range or "",
+        **({"cost_weight_range": config.cost_weight_range} if config.cost_weight_range else {}),
         "n_envs": settings.n_envs,
         "net_arch": str(settings.policy_kwargs["net_arch"]["pi"]),
         "ent_coef": float(settings.ppo_kwargs.get("ent_coef", 0.0)),
