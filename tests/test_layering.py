@@ -18,6 +18,7 @@ PACKAGES = {"tokenopt": ROOT / "tokenopt", "tokenopt.envs": ROOT / "envs", "toke
 
 NUMPY_ONLY = ("tokenopt.runtime", "tokenopt.features", "tokenopt.probe", "tokenopt.scoring", "tokenopt.prompt")
 """What a server loads to decide: numpy and the standard library (and each other) only."""
+NUMPY_ONLY += ("tokenopt.serve.budget",)  # the spend controller: on every budgeted request's path
 
 
 @dataclass(frozen=True)

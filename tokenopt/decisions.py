@@ -77,6 +77,10 @@ class DecisionRecord:
     """The prompt text, only with ``--log-prompts``."""
     created: float = 0.0
     """Unix time the request was received."""
+    cost_weight: float | None = None
+    """The price lambda in force for the arm when the request was decided (the budget
+    controller's, a price-conditioned policy's default, or the one a fixed policy was
+    trained at; None where unknown, and in logs written before it was recorded)."""
     checkpoints: list[tuple[int, str, float, str]] = field(default_factory=list, repr=False)
     """A probe controller's checkpoints: (budget, probe answer, its log-probability,
     decision); written to the ``checkpoints`` table, not to the row."""
@@ -111,7 +115,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     created REAL NOT NULL,
     correct INTEGER,
     gold TEXT,
-    feedback_at REAL
+    feedback_at REAL,
+    cost_weight REAL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     request_id TEXT NOT NULL,
@@ -149,6 +154,9 @@ class DecisionLog:
             self._connection.executescript(_SCHEMA)
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{self.path} is not a tokenopt decision log (SQLite says: {error})") from None
+        columns = {str(row[1]) for row in self._connection.execute("PRAGMA table_info(decisions)")}
+        if "cost_weight" not in columns:  # a log written before lambda was recorded: add the column, keep the rows
+            self._connection.execute("ALTER TABLE decisions ADD COLUMN cost_weight REAL")
         version = self._meta("log_version")
         if version is None:
             self._set_meta("log_version", str(LOG_VERSION))
@@ -246,6 +254,8 @@ class LoggedDecisions:
     status: np.ndarray
     correct: np.ndarray
     """1.0 or 0.0 where feedback exists, NaN where it does not."""
+    cost_weight: np.ndarray
+    """The price lambda each row was decided at; NaN where none was recorded (older logs)."""
     arms: dict[str, dict[str, object]]
     """Per arm, the policy description stored by the server."""
 
@@ -266,9 +276,11 @@ def read_decisions(path: str | Path) -> LoggedDecisions:
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        stored = {str(row[1]) for row in connection.execute("PRAGMA table_info(decisions)")}
+        price = "cost_weight" if "cost_weight" in stored else "NULL"  # logs before lambda was recorded
         rows = connection.execute(
             "SELECT id, arm, policy_id, bypass, action, action_index, budget, mode, propensity, features, "
-            "billed_tokens, latency_ms, status, correct FROM decisions ORDER BY created, id"
+            f"billed_tokens, latency_ms, status, correct, {price} FROM decisions ORDER BY created, id"
         ).fetchall()
     except sqlite3.DatabaseError as error:
         raise ValueError(f"{path} is not a tokenopt decision log (SQLite says: {error})") from None
@@ -282,7 +294,7 @@ def read_decisions(path: str | Path) -> LoggedDecisions:
     if vectors and any(v.shape != vectors[0].shape for v in vectors):
         sizes = sorted({v.shape[0] for v in vectors})
         raise ValueError(f"{path}: rows have feature vectors of different sizes {sizes}; one log per feature spec")
-    columns: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [() for _ in range(14)]
+    columns: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [() for _ in range(15)]
     return LoggedDecisions(
         id=[str(v) for v in columns[0]],
         arm=np.array(columns[1], dtype=object),
@@ -298,5 +310,6 @@ def read_decisions(path: str | Path) -> LoggedDecisions:
         latency_ms=np.array(columns[11], dtype=np.float64),
         status=np.array(columns[12], dtype=np.int64),
         correct=np.array([np.nan if v is None else float(v) for v in columns[13]], dtype=np.float64),
+        cost_weight=np.array([np.nan if v is None else float(v) for v in columns[14]], dtype=np.float64),
         arms={key.removeprefix("arm."): json.loads(value) for key, value in meta.items() if key.startswith("arm.")},
     )
