@@ -22,9 +22,10 @@ import yaml
 from tokenopt.agents.common.features import load_run_features
 from tokenopt.agents.common.hyperparams import activation_name
 from tokenopt.agents.common.run_dir import RunDir
+from tokenopt.cost import parse_cost_weight_range
 from tokenopt.probe import PROBE_INPUTS
 from tokenopt.prompt import PromptFormat
-from tokenopt.runtime import FORMAT_VERSION, POLICY_SPEC_FILE, POLICY_WEIGHTS_FILE
+from tokenopt.runtime import POLICY_SPEC_FILE, POLICY_WEIGHTS_FILE
 from tokenopt.table import load_manifest
 from tokenopt.table.schema import write_atomic
 
@@ -84,6 +85,8 @@ def export_policy(
     probe: dict[str, object] | None = None,
     prompt_format: dict[str, object] | None = None,
     feature_arrays: dict[str, np.ndarray] | None = None,
+    cost_weight_range: tuple[float, float] | None = None,
+    cost_weight: float | None = None,
 ) -> Path:
     """Write ``policy.json`` and ``policy.npz`` for one agent or an ensemble.
 
@@ -114,6 +117,9 @@ def export_policy(
             (:meth:`tokenopt.prompt.PromptFormat.to_dict`): servers use it by default.
         feature_arrays: the feature spec's arrays (:meth:`tokenopt.features.Features.arrays`:
             the lm-hidden projection), stored in ``policy.npz`` under the names the spec gives.
+        cost_weight_range: the (low, high) lambda range of a price-conditioned policy, whose
+            network takes log lambda as its last input (format version 3); None otherwise.
+        cost_weight: the lambda a price-conditioned policy decides at by default.
 
     Returns:
         The policy folder.
@@ -161,14 +167,19 @@ def export_policy(
     write_atomic(weights_path, write_weights)
     spec = {
         "format": "tokenopt-policy",
-        # Version 2 only when the file needs it, so older runtimes keep loading single policies.
-        "format_version": FORMAT_VERSION if member_normalization is not None else 1,
+        # The lowest version that holds the file, so older runtimes keep loading what they can use.
+        "format_version": 3 if cost_weight_range is not None else 2 if member_normalization is not None else 1,
         "policy_id": policy_id,
         "env_id": env_id,
         "feature_spec": feature_spec,
         "actions": actions,
         "answer_tokens": answer_tokens,
         "extra_inputs": extra_inputs or [],
+        **(
+            {"cost_weight_range": list(cost_weight_range), "cost_weight": cost_weight}
+            if cost_weight_range is not None
+            else {}
+        ),
         "normalization": {"clip": clip, "epsilon": epsilon} | ({"count": obs_count} if obs_count is not None else {}),
         "members": member_specs,
         **({"probe": probe} if probe is not None else {}),
@@ -236,6 +247,17 @@ def _policy_settings(run: _LoadedRun) -> dict[str, Any]:
         "env_id": str(run.config.get("env_id", "tokenopt/TokenBudget-v0")),
         "probe": _probe_settings(run.manifest, run.config) if env == "probe" else None,
         "prompt_format": _prompt_format(settings),
+        **_price_settings(run.config),
+    }
+
+
+def _price_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A price-conditioned run's lambda range and default (``train --cost-weight-range``); empty otherwise."""
+    if not config.get("cost_weight_range"):
+        return {}
+    return {
+        "cost_weight_range": parse_cost_weight_range(config["cost_weight_range"]),
+        "cost_weight": float(config["cost_weight"]),
     }
 
 
@@ -318,8 +340,9 @@ def export_ensemble(run_dirs: list[str | Path] | list[Path], out_dir: str | Path
     reference = _policy_settings(runs[0])
     for run in runs[1:]:
         settings = _policy_settings(run)
-        for key in ("feature_spec", "actions", "extra_inputs", "env_id", "probe", "clip", "epsilon"):
-            if settings[key] != reference[key]:
+        keys = ("feature_spec", "actions", "extra_inputs", "env_id", "probe", "clip", "epsilon", "cost_weight_range")
+        for key in keys:
+            if settings.get(key) != reference.get(key):
                 raise ValueError(
                     f"cannot ensemble {run.run_dir} with {runs[0].run_dir}: their {key} differ "
                     f"({settings[key]!r} vs {reference[key]!r}); train every member on the same table and env"

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel
+from tokenopt.cost import DEFAULT_COST_WEIGHT, CostModel, parse_cost_weight_range, with_price
 from tokenopt.envs.sources import OutcomeSource, TableSource
 
 __all__ = ["REWARD_BASELINES", "TokenBudgetEnv"]
@@ -38,6 +38,8 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     ``Box(0, float32 max, (feature_dim,), float32)``: the query's features from
     :class:`tokenopt.PromptFeatures`; ``Box(float32 min, float32 max, ...)`` when some
     feature is negative (the projected hidden state of ``lm-hidden`` features).
+    With ``cost_weight_range`` one more input comes last: ``log lambda`` of the episode
+    (``Box(float32 min, ...)``, ``feature_dim + 1`` inputs).
 
     ## Rewards
     ``EM - cost_weight * cost``, with ``cost`` from :class:`tokenopt.CostModel`
@@ -51,6 +53,11 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     its variance drops: what the query's difficulty adds to every action is taken out. The
     unshaped reward is in ``info["unshaped_reward"]``; validation and evaluation use it.
 
+    With ``cost_weight_range=(low, high)`` the price is part of the episode: each reset draws
+    lambda log-uniformly from the range (or takes ``options["cost_weight"]``), the agent sees
+    ``log lambda`` as its last input, and the reward (and baseline) use that lambda. One
+    policy then learns the decision at every price: a price-conditioned policy.
+
     ## Episode End
     After one step: ``terminated=True``. ``info`` has ``em``, ``billed_tokens``,
     ``action`` (its name), ``query_id``, ``unshaped_reward`` and ``baseline`` (0 without shaping).
@@ -62,11 +69,14 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     - ``action_type``: ``discrete`` or ``multidiscrete``.
     - ``budgets``, ``modes``: when given, the table must have exactly this action set.
     - ``reward_baseline``: ``none`` (default), ``mean`` or ``best_fixed`` (see Rewards).
+    - ``cost_weight_range``: ``(low, high)`` with ``0 < low < high``, or ``"LOW:HIGH"``: draw lambda
+      per episode and observe it (see Rewards); None (default): ``cost_weight`` throughout.
     - ``render_mode``: accepted as ``gymnasium.make`` passes it; nothing is rendered.
 
     ## Version History
     - v0: initial version; later the lower bound became float32 min when some feature is
-      negative (lm-hidden), and ``reward_baseline`` was added (default ``none``: rewards unchanged).
+      negative (lm-hidden), and ``reward_baseline`` was added (default ``none``: rewards unchanged);
+      then ``cost_weight_range`` (default None: observations and rewards unchanged).
     """
 
     metadata = {"render_modes": []}
@@ -85,6 +95,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         source: OutcomeSource | None = None,
         render_mode: str | None = None,
         reward_baseline: str | None = None,
+        cost_weight_range: tuple[float, float] | str | None = None,
     ) -> None:
         self.render_mode = render_mode  # nothing to render; accepted as gymnasium.make passes it
         if (table is None) == (source is None):
@@ -104,9 +115,10 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         else:
             raise ValueError(f"unknown action_type {action_type!r}: expected discrete or multidiscrete")
         self.action_type = action_type
-        dim = self.source.features.shape[1]
+        self.cost_weight_range = None if cost_weight_range is None else parse_cost_weight_range(cost_weight_range)
+        dim = self.source.features.shape[1] + (self.cost_weight_range is not None)
         limit = np.finfo(np.float32).max
-        low = 0.0 if (self.source.features >= 0).all() else -limit
+        low = 0.0 if (self.source.features >= 0).all() and self.cost_weight_range is None else -limit
         self.observation_space = spaces.Box(low, limit, shape=(dim,), dtype=np.float32)
         self._query = 0
         self._cheapest = int(np.argmin([a.budget * 1000 + self.modes.index(a.mode) for a in self.actions]))
@@ -174,13 +186,23 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Draw a query (or take ``options["query_index"]``) and return its features."""
+        """Draw a query (or take ``options["query_index"]``), and lambda when it is drawn, and observe them."""
         super().reset(seed=seed)
         if options and "query_index" in options:
             self._query = int(options["query_index"])
         else:
             self._query = int(self.np_random.integers(len(self.source.query_ids)))
-        return self.source.features[self._query].copy(), {"query_id": self.source.query_ids[self._query]}
+        if self.cost_weight_range is not None:
+            if options and "cost_weight" in options:
+                self.set_cost_weight(float(options["cost_weight"]))
+            else:
+                low, high = np.log(self.cost_weight_range)
+                self.set_cost_weight(float(np.exp(self.np_random.uniform(low, high))))
+        return self._observation(), {"query_id": self.source.query_ids[self._query]}
+
+    def _observation(self) -> np.ndarray:
+        features = self.source.features[self._query]
+        return features.copy() if self.cost_weight_range is None else with_price(features, self.cost_weight)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Apply the action to the current query; the episode ends."""
@@ -193,6 +215,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         reward = float(self.cost_model.reward(outcome.exact_match, outcome.billed_tokens, outcome.prompt_tokens))
         baseline = float(self.baselines()[self._query]) if self._outcomes is not None else 0.0
         info = {
+            "cost_weight": self.cost_weight,
             "em": outcome.exact_match,
             "billed_tokens": outcome.billed_tokens,
             "action": self.actions[index].name,
@@ -200,4 +223,4 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
             "unshaped_reward": reward,
             "baseline": baseline,
         }
-        return self.source.features[self._query].copy(), reward - baseline, True, False, info
+        return self._observation(), reward - baseline, True, False, info

@@ -16,7 +16,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"tokenopt": ROOT / "tokenopt", "tokenopt.envs": ROOT / "envs", "tokenopt.agents": ROOT / "agents"}
 
-NUMPY_ONLY = ("tokenopt.runtime", "tokenopt.features", "tokenopt.probe", "tokenopt.scoring", "tokenopt.prompt")
+NUMPY_ONLY = (
+    "tokenopt.runtime",
+    "tokenopt.features",
+    "tokenopt.probe",
+    "tokenopt.scoring",
+    "tokenopt.prompt",
+    "tokenopt.cost",
+)
 """What a server loads to decide: numpy and the standard library (and each other) only."""
 NUMPY_ONLY += ("tokenopt.serve.budget",)  # the spend controller: on every budgeted request's path
 
@@ -108,7 +115,11 @@ def violations(packages: dict[str, Path]) -> list[str]:
                         found.append((line, rule.why, where))
                 if any(_is_under(name, module) for module in NUMPY_ONLY) and not _stdlib_or_allowed(imported):
                     found.append(
-                        (line, "runtime, features, probe, scoring and prompt import numpy and the stdlib only", where)
+                        (
+                            line,
+                            "runtime, features, probe, scoring, prompt and cost import numpy and the stdlib only",
+                            where,
+                        )
                     )
     # One report per (file line, rule): the first module named there.
     first: dict[tuple[str, int, str], str] = {}

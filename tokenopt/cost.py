@@ -6,10 +6,51 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_COST_WEIGHT", "CostModel", "CostSettings"]
+__all__ = ["DEFAULT_COST_WEIGHT", "CostModel", "CostSettings", "parse_cost_weight_range", "with_price"]
 
 DEFAULT_COST_WEIGHT = 0.01
 """Default lambda: 100 billed tokens cost as much as one exact match."""
+
+
+def parse_cost_weight_range(text: str | tuple[float, float] | list[float]) -> tuple[float, float]:
+    """``LOW:HIGH`` (or a pair) as the lambda range of a price-conditioned policy.
+
+    A price-conditioned policy takes ``log lambda`` as an input, so both ends must be > 0.
+
+    Raises:
+        ValueError: not two numbers, not finite, ``LOW <= 0`` or ``HIGH <= LOW``; the message gives the form.
+    """
+    if isinstance(text, str):
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"cost weight range {text!r} is not LOW:HIGH (e.g. 0.002:0.05)")
+        try:
+            low, high = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ValueError(f"cost weight range {text!r} is not LOW:HIGH with two numbers (e.g. 0.002:0.05)") from None
+    else:
+        if len(text) != 2:
+            raise ValueError(f"a cost weight range has two ends (LOW, HIGH); got {list(text)}")
+        low, high = float(text[0]), float(text[1])
+    if not (np.isfinite(low) and np.isfinite(high)) or low <= 0 or high <= low:
+        raise ValueError(
+            f"cost weight range {low:g}:{high:g} must satisfy 0 < LOW < HIGH < inf (log lambda is the policy's input)"
+        )
+    return low, high
+
+
+def with_price(features: np.ndarray, cost_weight: float | np.ndarray) -> np.ndarray:
+    """What a price-conditioned policy observes: the features with ``log lambda`` appended as the last input.
+
+    Args:
+        features: one feature vector, or a batch (rows).
+        cost_weight: lambda (> 0), one for all rows or one per row.
+    """
+    features = np.asarray(features)
+    if features.ndim == 1:
+        return np.append(features, np.log(float(cost_weight))).astype(features.dtype, copy=False)
+    column = np.broadcast_to(np.log(np.asarray(cost_weight, dtype=np.float64)), (len(features),))
+    return np.concatenate([features, column[:, None].astype(features.dtype)], axis=1)
 
 
 @dataclass(frozen=True)

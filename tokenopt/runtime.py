@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenopt.cost import parse_cost_weight_range, with_price
 from tokenopt.features import Features
 from tokenopt.probe import (
     ANSWER,
@@ -59,11 +60,12 @@ __all__ = [
     "ProbeSettings",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Newest version of the policy artifact this runtime reads (and writes, when a file needs it).
 
-Version 2 added per-member normalisation arrays; an export without them is written as
-version 1, so older runtimes still load single policies."""
+Version 2 added per-member normalisation arrays; version 3 price-conditioned policies
+(``cost_weight_range``: log lambda is the network's last input). An export is written
+with the lowest version that holds it, so older runtimes still load what they can use."""
 
 POLICY_SPEC_FILE = "policy.json"
 """The policy artifact's description (format, features, actions, layer shapes, sha256 of the weights)."""
@@ -245,7 +247,24 @@ class BudgetPolicy:
                 layers.append((weight, bias, str(layer["activation"])))
             self.members.append(layers)
         self.extra_inputs: list[str] = list(spec.get("extra_inputs", []))  # type: ignore[call-overload]
-        expected = self.features.dim + len(self.extra_inputs)
+        self.cost_weight_range: tuple[float, float] | None = None
+        """The lambda range of a price-conditioned policy (``tokenopt train --cost-weight-range``): it
+        takes log lambda as its last input and decides at any price in the range; None: trained for one."""
+        self.cost_weight: float | None = None
+        """The lambda a price-conditioned policy decides at when no ``cost_weight`` is given."""
+        if spec.get("cost_weight_range") is not None:
+            if self.extra_inputs:
+                raise PolicyLoadError("a price-conditioned policy takes no extra inputs besides log lambda")
+            try:
+                self.cost_weight_range = parse_cost_weight_range(spec["cost_weight_range"])  # type: ignore[arg-type]
+            except (ValueError, TypeError) as error:
+                raise PolicyLoadError(f"cost_weight_range: {error}") from None
+            lowest, highest = self.cost_weight_range
+            default = float(spec.get("cost_weight", (lowest * highest) ** 0.5))  # type: ignore[arg-type]
+            if not lowest <= default <= highest:
+                raise PolicyLoadError(f"cost_weight {default:g} lies outside cost_weight_range {lowest:g}:{highest:g}")
+            self.cost_weight = default
+        expected = self.features.dim + len(self.extra_inputs) + (self.cost_weight_range is not None)
         if self.obs_mean.shape != (expected,):
             raise PolicyLoadError(
                 f"normalisation has {self.obs_mean.shape[0]} inputs; the feature spec gives {expected}"
@@ -444,8 +463,38 @@ class BudgetPolicy:
             probabilities=probabilities,
         )
 
+    def _price(self, cost_weight: float | np.ndarray | None) -> float | np.ndarray | None:
+        """The lambda a price-conditioned policy decides at (None for other policies), checked against its range.
+
+        Args:
+            cost_weight: lambda, one for all or one per row; None: the policy's default.
+
+        Raises:
+            ValueError: ``cost_weight`` given to a policy trained for one lambda, or outside its range.
+        """
+        if self.cost_weight_range is None:
+            if cost_weight is not None:
+                raise ValueError(
+                    "this policy was trained for one cost weight and takes no cost_weight; train with "
+                    "`tokenopt train --cost-weight-range LOW:HIGH` for a policy that decides at any price"
+                )
+            return None
+        weights = self.cost_weight if cost_weight is None else cost_weight
+        low, high = self.cost_weight_range
+        outside = ~((np.asarray(weights) >= low) & (np.asarray(weights) <= high))
+        if outside.any():
+            raise ValueError(
+                f"cost_weight {float(np.asarray(weights)[outside].flat[0]):g} is outside the policy's range "
+                f"{low:g}:{high:g}; clip it to the range or train with a wider --cost-weight-range"
+            )
+        return weights
+
     def decide_batch(
-        self, prompts: list[str], extras: np.ndarray | None = None, hidden: np.ndarray | None = None
+        self,
+        prompts: list[str],
+        extras: np.ndarray | None = None,
+        hidden: np.ndarray | None = None,
+        cost_weight: float | np.ndarray | None = None,
     ) -> list[Decision]:
         """Decisions for many prompts at once.
 
@@ -454,11 +503,14 @@ class BudgetPolicy:
             extras: inputs after the features, for policies that take them (stream policies).
             hidden: (prompts, hidden size) the LM's hidden state of each prompt at prefill,
                 for policies whose features need it (``lm-hidden``); ignored otherwise.
+            cost_weight: the price lambda to decide at (one, or one per prompt), for a
+                price-conditioned policy (:attr:`cost_weight_range`); None: its default.
 
         Raises:
             ValueError: the policy is a probe controller (its two outputs are answer or
                 continue at a checkpoint, not an action of the table: use :meth:`start`),
-                needs extras, or needs ``hidden`` and it is missing or of the wrong shape.
+                needs extras, or needs ``hidden`` and it is missing or of the wrong shape;
+                ``cost_weight`` is outside the range, or given to a policy trained for one.
         """
         if self.probe is not None:
             raise ValueError(
@@ -471,9 +523,18 @@ class BudgetPolicy:
             if extras is None:
                 raise ValueError(f"this policy also needs the inputs {self.extra_inputs} (pass extras)")
             observations = np.concatenate([observations, np.atleast_2d(extras)], axis=1)
+        price = self._price(cost_weight)
+        if price is not None:
+            observations = with_price(observations, price)
         return [self._decision(row) for row in self.probabilities(observations)]
 
-    def decide(self, prompt: str, extras: np.ndarray | None = None, hidden: np.ndarray | None = None) -> Decision:
+    def decide(
+        self,
+        prompt: str,
+        extras: np.ndarray | None = None,
+        hidden: np.ndarray | None = None,
+        cost_weight: float | None = None,
+    ) -> Decision:
         """The decision for one prompt: its budget, mode and ``max_new_tokens``.
 
         Args:
@@ -481,6 +542,8 @@ class BudgetPolicy:
             extras: inputs after the features, for policies that take them.
             hidden: the LM's hidden state of the prompt at prefill (a vector of the hidden
                 size), for policies whose features need it (``lm-hidden``).
+            cost_weight: the price lambda to decide at, for a price-conditioned policy;
+                None: its default (:attr:`cost_weight`).
 
         Raises:
             ValueError: as :meth:`decide_batch`.
@@ -490,8 +553,13 @@ class BudgetPolicy:
                 [prompt],
                 None if extras is None else np.atleast_2d(extras),
                 None if hidden is None else np.atleast_2d(hidden),
+                cost_weight,
             )[0]
-        return self._decision(self._probabilities_one(self.features(prompt, hidden)))
+        features = self.features(prompt, hidden)
+        price = self._price(cost_weight)
+        if price is not None:
+            features = with_price(features, float(price))
+        return self._decision(self._probabilities_one(features))
 
     def start(self, prompt: str) -> ProbeSession:
         """Open the answer-or-continue session of one request (probe controllers only).

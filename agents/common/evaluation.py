@@ -104,11 +104,21 @@ def check_policy_fits_table(
         )
 
 
-def policy_choices(policy: BudgetPolicy, matrix: OutcomeMatrix, questions: dict[str, str]) -> np.ndarray:
+def policy_choices(
+    policy: BudgetPolicy, matrix: OutcomeMatrix, questions: dict[str, str], cost_weight: float | None = None
+) -> np.ndarray:
     """The matrix column of the action the policy picks for each query, deciding from the question text.
 
+    Args:
+        policy: the runtime policy.
+        matrix: the queries (a split of a table).
+        questions: question text by query id.
+        cost_weight: the price a price-conditioned policy decides at (the evaluation's lambda);
+            None: its default. Ignored for a policy trained for one lambda.
+
     Raises:
-        ValueError: a query has no question, or the policy picks an action the table lacks.
+        ValueError: a query has no question, the policy picks an action the table lacks, or
+            ``cost_weight`` lies outside a price-conditioned policy's range.
     """
     missing = [query_id for query_id in matrix.ids if query_id not in questions]
     if missing:
@@ -118,7 +128,8 @@ def policy_choices(policy: BudgetPolicy, matrix: OutcomeMatrix, questions: dict[
         if matrix.hidden is None:
             raise ValueError(f"the policy's features ({policy.features.name}) need the table's recorded hidden states")
         hidden = matrix.hidden  # what the LM computed at prefill, as a local server computes it
-    decisions = policy.decide_batch([questions[query_id] for query_id in matrix.ids], hidden=hidden)
+    price = cost_weight if policy.cost_weight_range is not None else None
+    decisions = policy.decide_batch([questions[query_id] for query_id in matrix.ids], hidden=hidden, cost_weight=price)
     column = {name: j for j, name in enumerate(matrix.actions)}
     unknown = sorted({d.action for d in decisions} - set(column))
     if unknown:
@@ -146,7 +157,7 @@ def evaluate_policy(
     """
     cost_model = cost_model or CostModel()
     matrix = OutcomeMatrix.from_table(table).subset(split)
-    chosen = policy_choices(BudgetPolicy.load(policy_dir), matrix, query_questions(table))
+    chosen = policy_choices(BudgetPolicy.load(policy_dir), matrix, query_questions(table), cost_model.cost_weight)
     rewards = matrix.rewards(cost_model)
 
     def row(method: str, picks: np.ndarray) -> EvaluationRow:

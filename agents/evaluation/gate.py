@@ -157,7 +157,7 @@ def run_gate(new: str | Path, old: str | Path, config: GateConfig) -> GateResult
     per_query: dict[str, np.ndarray] = {}
     scores: dict[str, PolicyScore] = {}
     for label, path in (("NEW", new), ("OLD", old)):
-        chosen = policy_choices(policies[label], matrix, questions)
+        chosen = policy_choices(policies[label], matrix, questions, cost_model.cost_weight)
         if label == "NEW":
             chosen_new = chosen
         per_query[label] = rewards[rows, chosen]

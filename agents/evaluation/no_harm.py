@@ -340,8 +340,11 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
         references[f"max-budget greedy {matrix.actions[greedy]}"] = rewards[:, greedy]
     figures = split_figures(matrix, matrix.exact_match[rows, chosen], matrix.billed_tokens[rows, chosen], cost_model,
                             compare=references, seed=seed)  # fmt: skip
-    fell_back = fallback and not verdict.beats_fixed
+    # A fixed action serves one price; a price-conditioned policy is kept and the verdict (at its default) reported.
+    conditioned = bool(config.get("cost_weight_range"))
+    fell_back = fallback and not verdict.beats_fixed and not conditioned
     result: dict[str, Any] = {
+        "price_conditioned": conditioned,
         "figures": {name: [value.value, value.low, value.high] for name, value in figures.items()},
         "verdict": verdict.to_dict(),
         "noise": noise.to_dict(),
@@ -385,6 +388,11 @@ def format_no_harm(result: dict[str, Any]) -> str:
             f"{verdict['fixed_action']} (policy.json records it and why); the learned policy is kept in "
             f"{result['learned_policy']}. To export the learned policy anyway: `tokenopt export "
             f"{Path(result['policy']).parent} --no-fallback` (or train with --no-fallback), or serve that folder."
+        )
+    elif result.get("price_conditioned"):
+        lines.append(
+            f"do no harm: {verdict['reason']} at the default lambda. Exported the price-conditioned policy anyway: "
+            f"one fixed action cannot serve every price; compare it at each price with `tokenopt eval --cost-weight W`."
         )
     else:
         lines.append(

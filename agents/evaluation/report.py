@@ -60,7 +60,7 @@ def seed_report(
     def evaluate(label: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         rows, extra = evaluate_policy(path, table, split, cost_model)
         policy_row = rows[0]
-        chosen = policy_choices(BudgetPolicy.load(path), matrix, questions)
+        chosen = policy_choices(BudgetPolicy.load(path), matrix, questions, cost_model.cost_weight)
         picked = np.arange(len(chosen)), chosen
         figures = split_figures(matrix, matrix.exact_match[picked], matrix.billed_tokens[picked], cost_model,
                                 compare={"best fixed": fixed})  # fmt: skip

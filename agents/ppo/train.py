@@ -30,7 +30,7 @@ from tokenopt.agents.common.hyperparams import CONFIG_DIR, ENV_IDS, check_keys, 
 from tokenopt.agents.common.plots import log_figures
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.ppo.validators import budget_validator, probe_validator, stream_validator
-from tokenopt.cost import CostSettings
+from tokenopt.cost import CostSettings, parse_cost_weight_range, with_price
 from tokenopt.features import DEFAULT_HIDDEN_DIM, PROMPT_TEXT
 from tokenopt.table import OutcomeMatrix, ReplayTable, load_manifest
 
@@ -87,6 +87,9 @@ class TrainConfig(CostSettings):
     """Feature spec: prompt-text, lm-hidden or prompt-text+lm-hidden (lm-hidden: the table must record it)."""
     hidden_dim: int = DEFAULT_HIDDEN_DIM
     """With lm-hidden: principal components of the hidden state kept (the projection is fitted on train only)."""
+    cost_weight_range: str | None = None
+    """``LOW:HIGH``: train one price-conditioned policy for every lambda in the range (drawn log-uniformly per
+    episode, observed as log lambda); ``cost_weight`` is then the lambda it decides at by default. None: one lambda."""
 
 
 @dataclass
@@ -154,6 +157,25 @@ def train(
         if hyperparams.get(key) not in (None, 0, "none") and config.env != "budget":
             raise ValueError(f"{key} applies to --env budget, not --env {config.env}; set it to its default there")
     settings = split_hyperparams(hyperparams)  # bad values fail here, before any work
+    price_range = None
+    if config.cost_weight_range:
+        price_range = parse_cost_weight_range(config.cost_weight_range)
+        if config.env != "budget":
+            raise ValueError(f"--cost-weight-range applies to --env budget, not --env {config.env}")
+        if config.em_floor is not None or config.token_target is not None:
+            raise ValueError(
+                "--cost-weight-range trains for every lambda in the range; a constraint (--em-floor, --token-target) "
+                "picks one: give one or the other (a server meets a budget with --token-budget instead)"
+            )
+        if settings.pretrain_epochs or config.init_from:
+            raise ValueError("--cost-weight-range does not combine with pretrain_epochs or --init-from yet")
+        if not price_range[0] <= config.cost_weight <= price_range[1]:
+            default = float(np.sqrt(price_range[0] * price_range[1]))
+            logger.warning(
+                "cost weight %g lies outside --cost-weight-range %g:%g; the policy's default lambda is %g "
+                "(the range's geometric middle)", config.cost_weight, *price_range, default
+            )  # fmt: skip
+            config.cost_weight = default
     manifest = load_manifest(config.table)
     if matrix is None:
         matrix = OutcomeMatrix.from_table(config.table)
@@ -179,6 +201,7 @@ def train(
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
             **{k: v for k, v in settings.env_kwargs.items() if k == "reward_baseline"},
+            "cost_weight_range": price_range,
         }
     elif config.em_floor is not None or config.token_target is not None:
         raise ValueError(f"--em-floor and --token-target apply to --env budget, not --env {config.env}")
@@ -238,6 +261,7 @@ def train(
         "algo": config.algo,
         "env": env_id,
         "cost_weight": config.cost_weight,
+        "cost_weight_range": config.cost_weight_range or "",
         "n_envs": settings.n_envs,
         "net_arch": str(settings.policy_kwargs["net_arch"]["pi"]),
         "ent_coef": float(settings.ppo_kwargs.get("ent_coef", 0.0)),
@@ -262,7 +286,8 @@ def train(
     stats = VecNormalize.load(str(run_dir.vecnormalize), vec_env.venv)
     if config.env == "budget":
         assert val.features is not None
-        chosen = Predictor(best_model, stats)(val.features)
+        observations = val.features if price_range is None else with_price(val.features, config.cost_weight)
+        chosen = Predictor(best_model, stats)(observations)
         log_figures(model.logger, val, chosen, config.cost_model())
         model.logger.dump(model.num_timesteps)
     summary = {

@@ -7,27 +7,50 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokenopt.agents.common.callbacks import Predictor, Validator
-from tokenopt.cost import CostModel
+from tokenopt.cost import CostModel, parse_cost_weight_range, with_price
 from tokenopt.table import OutcomeMatrix, evaluate_actions, evaluate_outcomes
 
 if TYPE_CHECKING:
     from tokenopt.agents.ppo.train import TrainConfig
 
-__all__ = ["budget_validator", "probe_validator", "stream_validator"]
+__all__ = ["PRICE_GRID_POINTS", "budget_validator", "price_grid", "probe_validator", "stream_validator"]
+
+
+PRICE_GRID_POINTS = 5
+"""Cost weights a price-conditioned policy is validated at: log-spaced over its range, ends included."""
+
+
+def price_grid(cost_weight_range: tuple[float, float]) -> list[float]:
+    """The cost weights a price-conditioned policy is validated at (log-spaced over the range)."""
+    return [float(w) for w in np.geomspace(*cost_weight_range, PRICE_GRID_POINTS)]
 
 
 def budget_validator(config: TrainConfig, val: OutcomeMatrix, train_sample: OutcomeMatrix) -> Validator:
-    """Validation on TokenBudget-v0: every val query once, actions looked up in the table."""
+    """Validation on TokenBudget-v0: every val query once, actions looked up in the table.
+
+    A price-conditioned policy (``cost_weight_range``) is validated at every weight of
+    :func:`price_grid`; each metric is the mean over the grid (the reward: the mean over
+    log-spaced prices, what the policy is trained for), and ``reward@W`` gives each weight's.
+    """
     reference = val.max_budget_greedy()
     reference_em = float(val.exact_match[:, reference].mean())
-    report_cost = config.cost_model()
     assert val.features is not None and train_sample.features is not None
     val_features, train_features = val.features, train_sample.features
+    conditioned = bool(config.cost_weight_range)
+    weights = price_grid(parse_cost_weight_range(config.cost_weight_range)) if conditioned else [config.cost_weight]
+
+    def score(predict: Predictor, matrix: OutcomeMatrix, features: np.ndarray, em: float | None) -> dict[str, float]:
+        if not conditioned:
+            return evaluate_actions(matrix, predict(features), config.cost_model(), em)
+        per_weight = [
+            evaluate_actions(matrix, predict(with_price(features, w)), config.cost_model(w), em) for w in weights
+        ]
+        metrics = {key: float(np.mean([m[key] for m in per_weight])) for key in per_weight[0]}
+        return metrics | {f"reward@{w:g}": m["reward"] for w, m in zip(weights, per_weight, strict=True)}
 
     def validate(model: Any, vec_env: Any) -> tuple[dict[str, float], dict[str, float]]:
         predict = Predictor(model, vec_env)
-        metrics = evaluate_actions(val, predict(val_features), report_cost, reference_em)
-        return metrics, evaluate_actions(train_sample, predict(train_features), report_cost)
+        return score(predict, val, val_features, reference_em), score(predict, train_sample, train_features, None)
 
     return validate
 

@@ -53,6 +53,7 @@ TRAIN_OPTIONS = ConfigOptions(
         "init_lr_scale",
         "features",
         "hidden_dim",
+        "cost_weight_range",
     ),  # fmt: skip
     flags={
         "table": Flag(
