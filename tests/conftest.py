@@ -9,7 +9,14 @@ from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-HEAVY_FIXTURES = {"demo_table", "demo_policy", "probe_training", "escalating_probe_training", "probe_run"}
+HEAVY_FIXTURES = {
+    "demo_table",
+    "demo_policy",
+    "priced_policy",
+    "probe_training",
+    "escalating_probe_training",
+    "probe_run",
+}
 """Fixtures that collect the 1,500-query demo table or train on it: minutes on 2 cores."""
 
 
@@ -62,6 +69,28 @@ def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> P
 
     run = tmp_path_factory.mktemp("serve_policy") / "run"
     train(TrainConfig(table=str(demo_table), out=str(run), total_timesteps=12_288, eval_freq=4096, seed=0))
+    return export_run(run)
+
+
+PRICED_RANGE = (0.002, 0.05)
+"""The lambda range ``priced_policy`` is trained for."""
+
+
+@pytest.fixture(scope="session")
+def priced_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> Path:
+    """A price-conditioned policy (``train --cost-weight-range 0.002:0.05``), trained briefly on the demo table.
+
+    Few steps: the serving tests need a real policy that takes a price, not a good one.
+    """
+    from tokenopt.agents.export import export_run
+    from tokenopt.agents.ppo.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("priced_policy") / "run"
+    low, high = PRICED_RANGE
+    config = TrainConfig(
+        table=str(demo_table), out=str(run), total_timesteps=8192, eval_freq=4096, cost_weight_range=f"{low}:{high}"
+    )
+    train(config)
     return export_run(run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from tokenopt.serve.budget import (
@@ -197,3 +198,60 @@ def test_a_broken_state_file_is_refused_with_the_fix(tmp_path, content, message)
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         load_state(path)
+
+
+def test_serve_config_refuses_a_bad_budget_and_splits_a_rate_between_replicas(tmp_path):
+    from tokenopt.serve.config import ServeConfig
+
+    with pytest.raises(ValueError) as caught:
+        ServeConfig(policy=tmp_path, token_budget="2M per hour")
+    assert BUDGET_FORMS in str(caught.value)
+    with pytest.raises(ValueError, match="replicas"):
+        ServeConfig(policy=tmp_path, token_budget="2M/h", replicas=0)
+    with pytest.raises(ValueError, match="budget interval"):
+        ServeConfig(policy=tmp_path, token_budget="2M/h", budget_window=5.0, budget_interval=10.0)
+    fleet = ServeConfig(policy=tmp_path, token_budget="900/s", replicas=3).spend_target()
+    assert fleet is not None and fleet.value == pytest.approx(300.0)
+    mean = ServeConfig(policy=tmp_path, target_mean_tokens=12.0, replicas=3).spend_target()
+    assert mean is not None and mean.value == 12.0
+    config = ServeConfig(policy=tmp_path, log=tmp_path / "serve" / "decisions.sqlite")
+    assert config.budget_state_path() == tmp_path / "serve" / "decisions.budget.json"
+
+
+def test_a_decision_log_written_before_lambda_was_recorded_still_loads(tmp_path):
+    import sqlite3
+
+    from tokenopt.decisions import DecisionLog, DecisionRecord, read_decisions
+
+    # The decisions table as logs were written before the cost_weight column.
+    path = tmp_path / "old.sqlite"
+    columns = [
+        "id TEXT PRIMARY KEY", "arm TEXT NOT NULL", "policy_id TEXT NOT NULL", "endpoint TEXT NOT NULL",
+        "bypass INTEGER NOT NULL", "action TEXT NOT NULL", "action_index INTEGER NOT NULL", "budget INTEGER NOT NULL",
+        "mode TEXT NOT NULL", "propensity REAL NOT NULL", "features BLOB NOT NULL", "prompt_tokens INTEGER NOT NULL",
+        "reasoning_tokens INTEGER NOT NULL", "answer_tokens INTEGER NOT NULL", "billed_tokens INTEGER NOT NULL",
+        "forced INTEGER NOT NULL", "answer TEXT NOT NULL", "latency_ms REAL NOT NULL", "policy_ms REAL NOT NULL",
+        "status INTEGER NOT NULL", "user_key TEXT NOT NULL", "prompt TEXT", "created REAL NOT NULL",
+        "correct INTEGER", "gold TEXT", "feedback_at REAL",
+    ]  # fmt: skip
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    connection.execute("INSERT INTO meta VALUES ('log_version', '1')")
+    connection.execute(f"CREATE TABLE decisions ({', '.join(columns)})")
+    features = bytes(4 * 3)
+    old_row = ("old", "A", "p", "completions", 0, "b4/greedy", 1, 4, "greedy", 1.0, features)
+    connection.execute(
+        "INSERT INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,0,4,2,6,0,'7',1.0,0.1,200,'u',NULL,1.0,NULL,NULL,NULL)",
+        old_row,
+    )
+    connection.commit()
+    connection.close()
+    old = read_decisions(path)
+    assert len(old) == 1 and np.isnan(old.cost_weight[0])
+    # A server appending to it adds the column and keeps the old row.
+    log = DecisionLog(path)
+    log.append(DecisionRecord("new", "A", "p", "completions", False, "b4/greedy", 1, 4, "greedy", 1.0, features,
+                              created=2.0, cost_weight=0.02))  # fmt: skip
+    log.close()
+    both = read_decisions(path)
+    assert both.id == ["old", "new"] and np.isnan(both.cost_weight[0]) and both.cost_weight[1] == 0.02

@@ -149,10 +149,12 @@ class ControlSettings:
     previous prices, which damps the loop (six updates per window by default)."""
     step: float = 0.25
     """Step size: the change of ``log lambda`` per unit of relative overspend
-    (``spend / target - 1``). A policy's spend falls by a fraction of ``lambda``'s
-    relative change (on the demo about a third); with six overlapping updates per
-    window, 0.25 keeps the loop's gain per window below one, so it settles without
-    ringing."""
+    (``spend / target - 1``). If spend falls as ``lambda ** -e`` (``e``: its
+    elasticity), the loop's gain is ``step * e``; simulated with the default window
+    and interval, it settles without ringing while ``step * e <= 0.5`` and rings from
+    about 1 (the window's lag). 0.25 therefore holds a spend that falls up to twice as
+    fast as ``lambda`` rises; a policy choosing among a few budgets responds far more
+    slowly than that."""
     clip: float = 0.1
     """Largest change of ``log lambda`` in one update (about +-10 %), whatever the
     measured violation: a spike of spend (an idle window, one huge request) cannot
