@@ -51,6 +51,7 @@ import difflib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,8 +89,9 @@ MIN_EFFECTIVE_ROWS = 30
 class FromLogConfig(CostSettings):
     """Settings of ``tokenopt train --from-log`` (the cost fields come from :class:`~tokenopt.cost.CostSettings`)."""
 
-    log: str = ""
-    """Decision log the server wrote (``--log``)."""
+    log: str | list[str] = ""
+    """Decision log the server wrote (``--log``); several replicas' logs (files, folders, glob patterns) are read
+    together, feedback joined across them."""
     init_from: str = ""
     """Exported policy folder to refine (policy.json + policy.npz)."""
     out: str = "runs/from-log"
@@ -183,6 +185,10 @@ class LoggedRows:
     """Of them, policy-decided rows answered with status 200."""
     capped_rows: int
     """Rows with feedback left out because the client capped their budget."""
+    logs: list[str] = field(default_factory=list)
+    """The decision logs read."""
+    log_notes: list[str] = field(default_factory=list)
+    """What reading several logs together did (:meth:`tokenopt.decisions.LoggedDecisions.notes`)."""
 
 
 class PolicyNetwork(torch.nn.Module):
@@ -249,6 +255,11 @@ def _check_policy(policy: BudgetPolicy, path: Path) -> None:
             f"--init-from {path} is a TokenBudgetProbe-v0 controller (answer or continue at checkpoints); "
             "--from-log refines policies that pick a (budget, mode) per request"
         )
+    if policy.cost_weight_range is not None:
+        raise ValueError(
+            f"--init-from {path} is price-conditioned (log lambda is an input); --from-log refines policies "
+            "trained for one cost weight: refine its table with `tokenopt train --cost-weight-range` instead"
+        )
     outputs = policy.members[0][-1][0].shape[1]
     if outputs != len(policy.actions):
         raise ValueError(f"--init-from {path}: {outputs} outputs for {len(policy.actions)} actions")
@@ -283,11 +294,16 @@ def _check_arm(decisions: LoggedDecisions, log: str, arm: str, policy: BudgetPol
         raise ValueError(f"{served} has extra inputs {log_extras}, {refined} {policy.extra_inputs}")
 
 
-def logged_rows(log: str | Path, arm: str, policy: BudgetPolicy, policy_path: str | Path) -> LoggedRows:
+def logged_rows(
+    log: str | Path | Sequence[str | Path], arm: str, policy: BudgetPolicy, policy_path: str | Path
+) -> LoggedRows:
     """The rows of ``arm`` a refinement can learn from: decided by the policy, status 200, with feedback.
 
     A row whose budget the client capped (``max_tokens`` below the action's budget) is
     left out: its outcome is not the outcome of the logged action.
+
+    ``log`` may name several replicas' logs: they are read together
+    (:func:`tokenopt.decisions.read_decisions`).
 
     Raises:
         FileNotFoundError: no log at ``log``.
@@ -296,7 +312,8 @@ def logged_rows(log: str | Path, arm: str, policy: BudgetPolicy, policy_path: st
             outside (0, 1]; an action index outside the table or not matching its name.
     """
     decisions = read_decisions(log)
-    _check_arm(decisions, str(log), arm, policy, Path(policy_path))
+    label = ", ".join(decisions.logs)
+    _check_arm(decisions, label, arm, policy, Path(policy_path))
     in_arm = decisions.arm == arm
     decided = in_arm & (decisions.status == 200) & ~decisions.bypass & (decisions.action_index >= 0)
     names = [str(action["name"]) for action in policy.actions]
@@ -304,8 +321,8 @@ def logged_rows(log: str | Path, arm: str, policy: BudgetPolicy, policy_path: st
         action = int(decisions.action_index[row])
         if action >= len(names) or names[action] != decisions.action[row]:
             raise ValueError(
-                f"{log}: row {decisions.id[row]!r} has action {decisions.action[row]!r} at index {action}, "
-                f"but the table's action {action} is {names[action] if action < len(names) else 'missing'}"
+                f"{decisions.source[row]}: row {decisions.id[row]!r} has action {decisions.action[row]!r} at index "
+                f"{action}, but the table's action {action} is {names[action] if action < len(names) else 'missing'}"
             )
     budgets = np.array([int(action["budget"]) for action in policy.actions])  # type: ignore[call-overload]
     capped = decided & (decisions.budget != budgets[np.where(decided, decisions.action_index, 0)])
@@ -313,7 +330,7 @@ def logged_rows(log: str | Path, arm: str, policy: BudgetPolicy, policy_path: st
     usable = with_feedback & ~capped
     if not usable.any():
         raise ValueError(
-            f"{log}: arm {arm} has {int(in_arm.sum())} rows, {int(decided.sum())} decided by its policy with "
+            f"{label}: arm {arm} has {int(in_arm.sum())} rows, {int(decided.sum())} decided by its policy with "
             f"status 200, {int(with_feedback.sum())} of them with feedback ({int((with_feedback & capped).sum())} "
             "with a budget the client capped): nothing to learn from; attach outcomes with POST /v1/feedback first"
         )
@@ -321,15 +338,15 @@ def logged_rows(log: str | Path, arm: str, policy: BudgetPolicy, policy_path: st
     inputs = policy.features.dim + len(policy.extra_inputs)
     if decisions.features.shape[1] != inputs:
         raise ValueError(
-            f"{log}: rows have {decisions.features.shape[1]} features, the policy at {policy_path} takes {inputs}"
+            f"{label}: rows have {decisions.features.shape[1]} features, the policy at {policy_path} takes {inputs}"
         )
     propensity = decisions.propensity[index]
     bad = np.flatnonzero(~((propensity > 0) & (propensity <= 1)))
     if bad.size:
         first = int(index[bad[0]])
         raise ValueError(
-            f"{log}: row {decisions.id[first]!r} has propensity {decisions.propensity[first]}; propensities are "
-            "probabilities in (0, 1] of the serving rule"
+            f"{decisions.source[first]}: row {decisions.id[first]!r} has propensity {decisions.propensity[first]}; "
+            "propensities are probabilities in (0, 1] of the serving rule"
         )
     return LoggedRows(
         ids=[decisions.id[row] for row in index],
@@ -342,6 +359,8 @@ def logged_rows(log: str | Path, arm: str, policy: BudgetPolicy, policy_path: st
         arm_rows=int(in_arm.sum()),
         decided_rows=int(decided.sum()),
         capped_rows=int((with_feedback & capped).sum()),
+        logs=decisions.logs,
+        log_notes=decisions.notes(),
     )
 
 
@@ -431,6 +450,10 @@ class FromLogResult:
     single_action_regions: dict[str, int]
     """Old-policy decisions (its argmax actions) under which the log holds one action only, with their rows."""
     warnings: list[str] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+    """The decision logs read (one per replica)."""
+    log_notes: list[str] = field(default_factory=list)
+    """What reading several logs together did: feedback joined across replicas, duplicate ids, orphan feedback."""
     epochs: list[dict[str, float]] = field(default_factory=list)
     """Per epoch: mean loss and entropy."""
     seconds: float = 0.0
@@ -539,8 +562,8 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
     n_holdout = int(round(config.holdout * n_rows))
     if n_holdout < 1 or n_rows - n_holdout < 1:
         raise ValueError(
-            f"{config.log}: arm {config.arm} has {n_rows} usable rows; holding out {config.holdout:g} of them "
-            "leaves no training or no held-out row: collect more feedback"
+            f"{', '.join(rows.logs)}: arm {config.arm} has {n_rows} usable rows; holding out {config.holdout:g} of "
+            "them leaves no training or no held-out row: collect more feedback"
         )
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
@@ -635,6 +658,8 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
         off_greedy_share=float((rows.actions != old_greedy).mean()),
         single_action_regions=single,
         warnings=warnings,
+        logs=rows.logs,
+        log_notes=rows.log_notes,
         epochs=history,
         seconds=time.perf_counter() - started,
     )

@@ -117,9 +117,27 @@ class TokenBudgetStreamEnv(gym.Env[np.ndarray, Any]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Draw a new stream and give the first query."""
+        """Draw a new stream and give the first query.
+
+        ``options={"order": [...]}`` gives the stream instead: ``stream_length`` indices of
+        the split's queries, answered in that order (to replay every query of a split
+        once, as ``tokenopt eval --stream-run`` does).
+
+        Raises:
+            ValueError: an order of another length, or with an index outside the split.
+        """
         super().reset(seed=seed)
-        self._order = self.np_random.integers(len(self.source.query_ids), size=self.stream_length)
+        order = (options or {}).get("order")
+        if order is None:
+            self._order = self.np_random.integers(len(self.source.query_ids), size=self.stream_length)
+        else:
+            order = np.asarray(order, dtype=np.int64).reshape(-1)
+            n = len(self.source.query_ids)
+            if len(order) != self.stream_length or not ((order >= 0) & (order < n)).all():
+                raise ValueError(
+                    f"options['order'] must hold {self.stream_length} query indices in [0, {n}); got {order.tolist()}"
+                )
+            self._order = order
         self._position = 0
         self._left = self.total_budget
         return self._observation(), {"total_budget": self.total_budget}

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HEAVY_FIXTURES = {
     "demo_table",
     "demo_policy",
-    "priced_policy",
+    "conditioned_policy",
     "probe_training",
     "escalating_probe_training",
     "probe_run",
@@ -72,24 +72,17 @@ def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> P
     return export_run(run)
 
 
-PRICED_RANGE = (0.002, 0.05)
-"""The lambda range ``priced_policy`` is trained for."""
-
-
 @pytest.fixture(scope="session")
-def priced_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> Path:
-    """A price-conditioned policy (``train --cost-weight-range 0.002:0.05``), trained briefly on the demo table.
-
-    Few steps: the serving tests need a real policy that takes a price, not a good one.
-    """
+def conditioned_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> Path:
+    """A price-conditioned policy (lambda 0.003 to 0.05) trained briefly on the demo table and exported."""
     from tokenopt.agents.export import export_run
     from tokenopt.agents.ppo.train import TrainConfig, train
 
-    run = tmp_path_factory.mktemp("priced_policy") / "run"
-    low, high = PRICED_RANGE
+    run = tmp_path_factory.mktemp("conditioned_policy") / "run"
     config = TrainConfig(
-        table=str(demo_table), out=str(run), total_timesteps=8192, eval_freq=4096, cost_weight_range=f"{low}:{high}"
-    )
+        table=str(demo_table), out=str(run), total_timesteps=24_576, eval_freq=8192, seed=0,
+        cost_weight_range="0.003:0.05",
+    )  # fmt: skip
     train(config)
     return export_run(run)
 

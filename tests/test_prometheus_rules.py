@@ -87,11 +87,11 @@ def _wait_until(check, what: str, process: subprocess.Popen[bytes], log: Path, s
         time.sleep(0.5)
 
 
-def test_prometheus_scrapes_a_budgeted_server_and_records_the_rules(tmp_path, priced_policy):
+def test_prometheus_scrapes_a_budgeted_server_and_records_the_rules(tmp_path, conditioned_policy):
     prometheus = _binary("prometheus")
     server_port, prometheus_port = _free_port(), _free_port()
     serve = [
-        sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(priced_policy), "--port", str(server_port),
+        sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(conditioned_policy), "--port", str(server_port),
         "--log", str(tmp_path / "decisions.sqlite"), "--device", "cpu", "--token-budget", "36k/min", "--replicas", "3",
     ]  # fmt: skip
     config = tmp_path / "prometheus.yml"

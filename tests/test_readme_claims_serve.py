@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from serving import running_server
+from serving import free_port, running_server
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 from tokenopt.runtime import BudgetPolicy
@@ -80,14 +79,8 @@ def test_readyz_is_503_until_the_app_serves_and_200_with_the_policies_after(tmp_
     assert after.status_code == 503 and after.json()["ready"] is False
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_readyz_answers_503_while_tokenopt_serve_loads_its_model(tmp_path, policy):
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(policy), "--port", str(port)]
     command += ["--log", str(tmp_path / "decisions.sqlite"), "--device", "cpu", "--threads", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

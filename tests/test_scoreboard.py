@@ -107,7 +107,7 @@ def test_eval_cli_writes_the_report_plots_and_tensorboard(tmp_path, small_run, d
     methods = {r["method"] for r in report["per_weight"][0]["rows"]}
     assert methods == {
         "tokenopt policy", "oracle", "fixed", "TALE-style", "Dynasor-style", "DEER-style",
-        "Adaptive-Consistency-style", "RouteLLM-style",
+        "Adaptive-Consistency-style", "RouteLLM-style", "CLEAR-style",
     }  # fmt: skip
     oracle = next(r for r in report["per_weight"][1]["rows"] if r["method"] == "oracle")
     assert oracle["gap_recovered"] == pytest.approx(1.0)

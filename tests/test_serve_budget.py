@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import PRICED_RANGE
 from serving import running_server
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite
@@ -23,6 +22,8 @@ from tokenopt.serve.backends import LocalBackend
 from tokenopt.serve.budget import BUDGET_FORMS, load_state
 from tokenopt.serve.serving import _stable_fraction
 
+PRICED_RANGE = (0.003, 0.05)
+"""The lambda range the ``conditioned_policy`` fixture is trained for."""
 QUESTIONS = [item["question"] for item in generate_suite(SuiteConfig(n_queries=200, seed=23))]
 
 # A mean of 1 billed token a request is below anything the policy can spend: lambda rises at
@@ -68,9 +69,9 @@ def _ask(url: str, questions: list[str], user: str = "u") -> None:
         assert response.status_code == 200, response.text
 
 
-def test_a_budgeted_server_decides_at_its_lambda_and_keeps_it_across_a_restart(tmp_path, priced_policy, demo_lm):
-    policy = BudgetPolicy.load(priced_policy)
-    config = _config(tmp_path, priced_policy, **{**OVERSPENT, "budget_clip": 0.02})  # mid-range after 30 requests
+def test_a_budgeted_server_decides_at_its_lambda_and_keeps_it_across_a_restart(tmp_path, conditioned_policy, demo_lm):
+    policy = BudgetPolicy.load(conditioned_policy)
+    config = _config(tmp_path, conditioned_policy, **{**OVERSPENT, "budget_clip": 0.02})  # mid-range after 30 requests
     with running_server(config, LocalBackend(demo_lm)) as (url, _):
         start = _gauges(url)
         assert start['tokenopt_cost_weight{arm="A"}'] == policy.cost_weight
@@ -92,20 +93,20 @@ def test_a_budgeted_server_decides_at_its_lambda_and_keeps_it_across_a_restart(t
     # The state file holds the last lambda; a restarted server resumes there.
     saved = load_state(config.budget_state_path())
     assert saved == {"A": pytest.approx(after['tokenopt_cost_weight{arm="A"}'], rel=1e-12)}
-    restarted = _config(tmp_path, priced_policy, **{**OVERSPENT, "budget_clip": 0.02})
+    restarted = _config(tmp_path, conditioned_policy, **{**OVERSPENT, "budget_clip": 0.02})
     with running_server(restarted, LocalBackend(demo_lm)) as (url, _):
         assert _gauges(url)['tokenopt_cost_weight{arm="A"}'] == pytest.approx(saved["A"], rel=1e-12)
         _ask(url, QUESTIONS[30:31])
     assert read_decisions(config.log).cost_weight[-1] == pytest.approx(saved["A"], rel=1e-12)
 
 
-def test_the_price_changes_what_is_served(tmp_path, priced_policy, demo_lm):
+def test_the_price_changes_what_is_served(tmp_path, conditioned_policy, demo_lm):
     # Questions on which the policy picks another action at its highest price than at its default.
-    policy = BudgetPolicy.load(priced_policy)
+    policy = BudgetPolicy.load(conditioned_policy)
     high = PRICED_RANGE[1]
     sensitive = [q for q in QUESTIONS[40:] if policy.decide(q).action != policy.decide(q, cost_weight=high).action]
     assert sensitive, "the priced policy decides alike at every price"
-    config = _config(tmp_path, priced_policy, **OVERSPENT)
+    config = _config(tmp_path, conditioned_policy, **OVERSPENT)
     with running_server(config, LocalBackend(demo_lm)) as (url, _):
         _ask(url, QUESTIONS[:20])  # 17 updates of +0.1 take lambda from 0.01 to its bound, 0.05
         assert _gauges(url)['tokenopt_cost_weight{arm="A"}'] == high
@@ -115,9 +116,9 @@ def test_the_price_changes_what_is_served(tmp_path, priced_policy, demo_lm):
     assert rows.action[20:] == [policy.decide(q, cost_weight=high).action for q in sensitive[:10]]
 
 
-def test_ab_arms_keep_separate_controllers(tmp_path, priced_policy, demo_lm):
-    config = _config(tmp_path, priced_policy, policy_b=priced_policy, split=0.5, **OVERSPENT)
-    default = BudgetPolicy.load(priced_policy).cost_weight
+def test_ab_arms_keep_separate_controllers(tmp_path, conditioned_policy, demo_lm):
+    config = _config(tmp_path, conditioned_policy, policy_b=conditioned_policy, split=0.5, **OVERSPENT)
+    default = BudgetPolicy.load(conditioned_policy).cost_weight
     with running_server(config, LocalBackend(demo_lm)) as (url, _):
         _ask(url, QUESTIONS[:20], user=_user_in("A", 0.5))
         first = _gauges(url)
@@ -133,8 +134,9 @@ def test_ab_arms_keep_separate_controllers(tmp_path, priced_policy, demo_lm):
     assert set(load_state(config.budget_state_path())) == {"A", "B"}
 
 
-def test_a_rate_budget_is_split_between_arms_and_replicas(tmp_path, priced_policy, demo_lm):
-    config = _config(tmp_path, priced_policy, policy_b=priced_policy, split=0.25, token_budget="36k/min", replicas=3)
+def test_a_rate_budget_is_split_between_arms_and_replicas(tmp_path, conditioned_policy, demo_lm):
+    arms = {"policy_b": conditioned_policy, "split": 0.25}
+    config = _config(tmp_path, conditioned_policy, **arms, token_budget="36k/min", replicas=3)
     with running_server(config, LocalBackend(demo_lm)) as (url, _):
         gauges = _gauges(url)
     # 600 tokens/s over 3 replicas is 200 each; A is sent 75 % of the users, B 25 %.
@@ -150,24 +152,24 @@ def _serve(*arguments: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("budget", ["2M/day", "2G/h", "1000", "-5/s", "lots"])
-def test_bad_budget_strings_are_refused_at_start_up(tmp_path, priced_policy, budget):
-    result = _serve("--policy", str(priced_policy), "--token-budget", budget, tmp_path=tmp_path)
+def test_bad_budget_strings_are_refused_at_start_up(tmp_path, conditioned_policy, budget):
+    result = _serve("--policy", str(conditioned_policy), "--token-budget", budget, tmp_path=tmp_path)
     message = " ".join(result.stderr.split())
     assert result.returncode == 2, result.stderr
     assert repr(budget) in message and BUDGET_FORMS in message
 
 
-def test_a_budget_needs_a_price_conditioned_policy_and_one_form(tmp_path, demo_policy, priced_policy):
+def test_a_budget_needs_a_price_conditioned_policy_and_one_form(tmp_path, demo_policy, conditioned_policy):
     fixed = _serve("--policy", str(demo_policy), "--token-budget", "2M/h", tmp_path=tmp_path)
     assert fixed.returncode == 2 and "price-conditioned" in " ".join(fixed.stderr.split())
     assert "--cost-weight-range" in fixed.stderr
     both = _serve(
-        "--policy", str(priced_policy), "--token-budget", "2M/h", "--target-mean-tokens", "12", tmp_path=tmp_path
+        "--policy", str(conditioned_policy), "--token-budget", "2M/h", "--target-mean-tokens", "12", tmp_path=tmp_path
     )
     assert both.returncode == 2 and "not both" in both.stderr
     broken = tmp_path / "d.budget.json"
     broken.write_text("{half a file")
-    state = _serve("--policy", str(priced_policy), "--token-budget", "2M/h", tmp_path=tmp_path)
+    state = _serve("--policy", str(conditioned_policy), "--token-budget", "2M/h", tmp_path=tmp_path)
     assert state.returncode == 2 and "d.budget.json" in state.stderr and "delete it" in state.stderr
 
 

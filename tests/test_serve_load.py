@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import running_server
+from serving import free_port, running_server
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite
 from tokenopt.serve import ServeConfig, read_decisions
@@ -156,14 +155,8 @@ def test_huge_max_tokens_on_bypass_is_a_4xx(fuzz_server):
     assert response.status_code == 413 and "context" in response.json()["error"]["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_serve_command_with_openai_client_and_sighup_reload(tmp_path, demo_policy):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "decisions.sqlite"
     command = [sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(demo_policy), "--port", str(port)]
     env = {**os.environ, "TOKENOPT_API_KEY": "k1"}

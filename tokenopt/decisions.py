@@ -10,24 +10,45 @@ server runs with ``--log-prompts``: training from the log needs the features onl
 The propensity column is the probability with which the serving rule picked the
 logged action (1 for a deterministic policy; lower with ``--explore``), which is what
 off-policy training from the log weights by.
+
+Several replicas behind a load balancer each write their own log, and feedback may
+reach another replica than the request: a replica started with
+``--keep-unmatched-feedback`` keeps feedback for an id it did not log in its
+``feedback`` table. :func:`read_decisions` reads any number of logs together (files,
+folders, glob patterns), joins every feedback to its request whatever log holds
+either, counts a request id found in several logs once, and says so.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LOG_VERSION", "DecisionLog", "DecisionRecord", "LoggedDecisions", "read_decisions"]
+__all__ = [
+    "LOG_SUFFIXES",
+    "LOG_VERSION",
+    "DecisionLog",
+    "DecisionRecord",
+    "LoggedDecisions",
+    "log_paths",
+    "read_decisions",
+]
 
 LOG_VERSION = 1
 """Version of the log's schema, kept in its ``meta`` table."""
+LOG_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+"""The files of a folder that :func:`log_paths` reads as decision logs."""
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+"""SQLite's companions of a log (a glob such as ``logs/*`` matches them too)."""
 
 
 @dataclass
@@ -127,6 +148,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     decision TEXT NOT NULL,
     PRIMARY KEY (request_id, step)
 );
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT NOT NULL,
+    correct INTEGER,
+    gold TEXT,
+    received_at REAL NOT NULL
+);
 """
 
 
@@ -222,6 +249,18 @@ class DecisionLog:
             )
         return str(row[1]), bool(correct)
 
+    def keep_feedback(self, request_id: str, correct: bool | None, gold: str | None) -> None:
+        """Keep feedback for a request this log does not hold (another replica served it).
+
+        The readers join it to the request's row in whichever log holds it; with a gold
+        answer and no ``correct``, they score the row's answer against it.
+        """
+        with self._lock:
+            self._connection.execute(
+                "INSERT INTO feedback (request_id, correct, gold, received_at) VALUES (?, ?, ?, ?)",
+                (request_id, None if correct is None else int(correct), gold, time.time()),
+            )
+
     def count(self) -> int:
         """Rows written so far."""
         with self._lock:
@@ -258,30 +297,113 @@ class LoggedDecisions:
     """The price lambda each row was decided at; NaN where none was recorded (older logs)."""
     arms: dict[str, dict[str, object]]
     """Per arm, the policy description stored by the server."""
+    source: list[str] = field(default_factory=list)
+    """Per row, the log it was read from."""
+    logs: list[str] = field(default_factory=list)
+    """The logs read, in the order given."""
+    duplicate_ids: dict[str, list[str]] = field(default_factory=dict)
+    """Request ids found in more than one log (each counted once, with the first log's row), and those logs."""
+    joined_feedback: int = 0
+    """Rows whose feedback was kept by another log than the row's (it reached another replica)."""
+    unmatched_feedback: dict[str, str] = field(default_factory=dict)
+    """Feedback whose request id is in none of the logs read: id -> the log that kept it."""
 
     def __len__(self) -> int:
         return len(self.id)
 
+    def notes(self) -> list[str]:
+        """What reading several logs together did, in words: the logs, joined feedback, duplicates, orphans."""
+        notes: list[str] = []
+        if len(self.logs) > 1:
+            rows = {log: self.source.count(log) for log in self.logs}
+            notes.append(
+                f"read {len(self.logs)} decision logs together: "
+                + ", ".join(f"{log} ({count} rows)" for log, count in rows.items())
+            )
+        if self.joined_feedback:
+            notes.append(
+                f"{self.joined_feedback} feedback rows reached another replica than their request and were joined"
+            )
+        if self.duplicate_ids:
+            examples = "; ".join(
+                f"{request_id!r} in {', '.join(logs)}" for request_id, logs in list(self.duplicate_ids.items())[:3]
+            )
+            notes.append(
+                f"{len(self.duplicate_ids)} request ids are in more than one log and are counted once, with the row "
+                f"of the first log given (a log given twice, or a copy of one?): {examples}"
+            )
+        if self.unmatched_feedback:
+            unmatched = list(self.unmatched_feedback.items())[:3]
+            examples = ", ".join(f"{request_id!r} ({log})" for request_id, log in unmatched)
+            notes.append(
+                f"{len(self.unmatched_feedback)} feedback rows match no request in the logs read (a replica's log "
+                f"missing?): {examples}"
+            )
+        return notes
 
-def read_decisions(path: str | Path) -> LoggedDecisions:
-    """Read a decision log (also while a server is writing it).
+
+def log_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The decision logs named by files, folders and glob patterns, in the order given, each once.
+
+    A folder stands for its files ending in :data:`LOG_SUFFIXES`; a pattern (``logs/*.sqlite``,
+    quoted so that the shell leaves it) for the files it matches, SQLite's ``-wal`` and
+    ``-shm`` companions left out.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a decision log, or its rows' feature sizes differ.
+        FileNotFoundError: a file that does not exist, a folder without a log, a pattern that matches none.
+        ValueError: no path at all.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"decision log {path} does not exist; the server writes it with --log PATH")
+    entries = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not entries:
+        raise ValueError("no decision log given; name the files the servers write with --log PATH")
+    found: dict[Path, Path] = {}
+    for entry in entries:
+        path = Path(entry)
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = sorted(child for child in path.iterdir() if child.is_file() and child.suffix in LOG_SUFFIXES)
+            if not matches:
+                raise FileNotFoundError(
+                    f"folder {path} holds no decision log (files ending in {', '.join(LOG_SUFFIXES)})"
+                )
+        elif any(character in str(entry) for character in "*?["):
+            matches = []
+            for hit in sorted(glob.glob(str(entry))):
+                if Path(hit).is_dir():
+                    matches += sorted(c for c in Path(hit).iterdir() if c.is_file() and c.suffix in LOG_SUFFIXES)
+                elif not hit.endswith(_SIDE_FILES):
+                    matches.append(Path(hit))
+            if not matches:
+                raise FileNotFoundError(f"no decision log matches {str(entry)!r}")
+        else:
+            raise FileNotFoundError(f"decision log {path} does not exist; the server writes it with --log PATH")
+        for match in matches:
+            found.setdefault(match.resolve(), match)  # a log named twice is read once
+    return list(found.values())
+
+
+_ROW_COLUMNS = (
+    "id, arm, policy_id, bypass, action, action_index, budget, mode, propensity, features, billed_tokens, latency_ms, "
+    "status, correct, answer, created, feedback_at"
+)
+"""The columns the readers use (then ``cost_weight``, NULL in older logs); a newer server's others are left alone."""
+
+
+def _read_log(path: Path) -> tuple[dict[str, str], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """One log's meta table, decision rows (:data:`_ROW_COLUMNS`) and kept feedback (id, correct, gold, time)."""
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
         stored = {str(row[1]) for row in connection.execute("PRAGMA table_info(decisions)")}
-        price = "cost_weight" if "cost_weight" in stored else "NULL"  # logs before lambda was recorded
-        rows = connection.execute(
-            "SELECT id, arm, policy_id, bypass, action, action_index, budget, mode, propensity, features, "
-            f"billed_tokens, latency_ms, status, correct, {price} FROM decisions ORDER BY created, id"
-        ).fetchall()
+        price = "cost_weight" if "cost_weight" in stored else "NULL"  # a log written before lambda was recorded
+        rows = connection.execute(f"SELECT {_ROW_COLUMNS}, {price} FROM decisions ORDER BY created, id").fetchall()
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        kept = []
+        if "feedback" in tables:  # a log written before replicas kept feedback has none
+            kept = connection.execute(
+                "SELECT request_id, correct, gold, received_at FROM feedback ORDER BY received_at"
+            ).fetchall()
     except sqlite3.DatabaseError as error:
         raise ValueError(f"{path} is not a tokenopt decision log (SQLite says: {error})") from None
     finally:
@@ -290,11 +412,100 @@ def read_decisions(path: str | Path) -> LoggedDecisions:
     version = int(meta.get("log_version", LOG_VERSION))
     if version > LOG_VERSION:
         raise ValueError(f"{path} has decision-log version {version}; this tokenopt reads up to {LOG_VERSION}")
-    vectors = [np.frombuffer(row[9], dtype=np.float32) for row in rows]
+    return meta, rows, kept
+
+
+_ARM_KEYS = ("actions", "feature_spec", "extra_inputs")
+"""What an arm's rows mean (action indexes, feature vectors): logs read together must agree on them."""
+
+
+def read_decisions(path: str | Path | Sequence[str | Path]) -> LoggedDecisions:
+    """Read one decision log, or several replicas' logs together (also while servers write them).
+
+    ``path`` is a file, a folder or a glob pattern, or a list of them (:func:`log_paths`).
+    Rows are joined by request id: feedback counts whatever log holds it (a replica
+    keeps feedback for requests it did not serve, see :meth:`DecisionLog.keep_feedback`;
+    the latest feedback for an id wins, as when one log is sent it twice), and a request
+    id found in several logs is counted once, with the row of the first log given.
+    :meth:`LoggedDecisions.notes` says what the join did.
+
+    Raises:
+        FileNotFoundError: no log at ``path``.
+        ValueError: a file that is not a decision log, rows whose feature sizes differ,
+            or logs whose arm was served with another action table or feature spec.
+    """
+    from tokenopt.scoring import exact_match
+
+    logs = log_paths(path)
+    arms: dict[str, dict[str, object]] = {}
+    described_in: dict[str, str] = {}
+    rows: dict[str, tuple[tuple[Any, ...], str]] = {}
+    duplicates: dict[str, list[str]] = {}
+    # Per request id, the latest feedback: (time, correct or None, gold or None, log that holds it).
+    feedback: dict[str, tuple[float, Any, str | None, str]] = {}
+    for log_path in logs:
+        log = str(log_path)
+        meta, log_rows, kept = _read_log(log_path)
+        for key, value in meta.items():
+            if not key.startswith("arm."):
+                continue
+            arm, description = key.removeprefix("arm."), json.loads(value)
+            if arm not in arms:
+                arms[arm], described_in[arm] = description, log
+                continue
+            differing = [name for name in _ARM_KEYS if arms[arm].get(name) != description.get(name)]
+            if differing:
+                raise ValueError(
+                    f"arm {arm} of {log} differs from arm {arm} of {described_in[arm]} in {differing} (policies "
+                    f"{description.get('policy_id')!r} and {arms[arm].get('policy_id')!r}): their rows' actions and "
+                    "features mean different things; read together only logs of one A/B setup"
+                )
+        for row in log_rows:
+            request_id = str(row[0])
+            if request_id in rows:
+                duplicates.setdefault(request_id, [rows[request_id][1]]).append(log)
+            else:
+                rows[request_id] = (row, log)
+            if row[13] is not None:
+                candidate = (float(row[16] or 0.0), row[13], None, log)
+                if request_id not in feedback or candidate[0] >= feedback[request_id][0]:
+                    feedback[request_id] = candidate
+        for request_id, correct, gold, received_at in kept:
+            candidate = (float(received_at), correct, gold, log)
+            if str(request_id) not in feedback or candidate[0] >= feedback[str(request_id)][0]:
+                feedback[str(request_id)] = candidate
+
+    ordered = sorted(rows.values(), key=lambda item: (item[0][15], item[0][0]))
+    joined = 0
+    correct_column: list[float] = []
+    for row, log in ordered:
+        found = feedback.get(str(row[0]))
+        if found is None:
+            correct_column.append(np.nan)
+            continue
+        _, correct, gold, holder = found
+        if correct is None:  # kept with a gold answer only: score the row's answer against it
+            correct = exact_match(str(row[14]), [gold or ""])
+        correct_column.append(float(correct))
+        joined += holder != log
+    unmatched = {request_id: found[3] for request_id, found in feedback.items() if request_id not in rows}
+
+    vectors = [np.frombuffer(row[9], dtype=np.float32) for row, _ in ordered]
     if vectors and any(v.shape != vectors[0].shape for v in vectors):
-        sizes = sorted({v.shape[0] for v in vectors})
-        raise ValueError(f"{path}: rows have feature vectors of different sizes {sizes}; one log per feature spec")
-    columns: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [() for _ in range(15)]
+        if len(logs) == 1:
+            sizes = sorted({v.shape[0] for v in vectors})
+            raise ValueError(
+                f"{logs[0]}: rows have feature vectors of different sizes {sizes}; one log per feature spec"
+            )
+        first_with: dict[int, str] = {}
+        for vector, (row, log) in zip(vectors, ordered, strict=True):
+            first_with.setdefault(vector.shape[0], f"{log} (row {str(row[0])!r})")
+        raise ValueError(
+            "rows have feature vectors of different sizes: "
+            + ", ".join(f"{size} in {where}" for size, where in sorted(first_with.items()))
+            + "; read together only logs of one feature spec"
+        )
+    columns: list[tuple[Any, ...]] = list(zip(*(row for row, _ in ordered), strict=True)) if ordered else [()] * 18
     return LoggedDecisions(
         id=[str(v) for v in columns[0]],
         arm=np.array(columns[1], dtype=object),
@@ -309,7 +520,12 @@ def read_decisions(path: str | Path) -> LoggedDecisions:
         billed_tokens=np.array(columns[10], dtype=np.float64),
         latency_ms=np.array(columns[11], dtype=np.float64),
         status=np.array(columns[12], dtype=np.int64),
-        correct=np.array([np.nan if v is None else float(v) for v in columns[13]], dtype=np.float64),
-        cost_weight=np.array([np.nan if v is None else float(v) for v in columns[14]], dtype=np.float64),
-        arms={key.removeprefix("arm."): json.loads(value) for key, value in meta.items() if key.startswith("arm.")},
+        correct=np.array(correct_column, dtype=np.float64),
+        cost_weight=np.array([np.nan if v is None else float(v) for v in columns[17]], dtype=np.float64),
+        arms=arms,
+        source=[log for _, log in ordered],
+        logs=[str(log) for log in logs],
+        duplicate_ids=duplicates,
+        joined_feedback=joined,
+        unmatched_feedback=unmatched,
     )

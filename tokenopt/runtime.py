@@ -252,6 +252,9 @@ class BudgetPolicy:
         takes log lambda as its last input and decides at any price in the range; None: trained for one."""
         self.cost_weight: float | None = None
         """The lambda a price-conditioned policy decides at when no ``cost_weight`` is given."""
+        self.price_fallback: list[tuple[float, float, int]] = []
+        """A price-conditioned policy's do-no-harm fallback: (low, high, action index) price intervals where it
+        picks that fixed action instead of deciding (where it did not beat the best fixed action on val)."""
         if spec.get("cost_weight_range") is not None:
             if self.extra_inputs:
                 raise PolicyLoadError("a price-conditioned policy takes no extra inputs besides log lambda")
@@ -264,6 +267,14 @@ class BudgetPolicy:
             if not lowest <= default <= highest:
                 raise PolicyLoadError(f"cost_weight {default:g} lies outside cost_weight_range {lowest:g}:{highest:g}")
             self.cost_weight = default
+            names = [str(action["name"]) for action in self.actions]
+            for entry in spec.get("price_fallback") or []:  # type: ignore[attr-defined]
+                start, end, action = float(entry["low"]), float(entry["high"]), str(entry["action"])
+                if not lowest <= start <= end <= highest or action not in names:
+                    raise PolicyLoadError(
+                        f"price_fallback entry {entry} must lie in {lowest:g}:{highest:g} and name an action of {names}"
+                    )
+                self.price_fallback.append((start, end, names.index(action)))
         expected = self.features.dim + len(self.extra_inputs) + (self.cost_weight_range is not None)
         if self.obs_mean.shape != (expected,):
             raise PolicyLoadError(
@@ -526,7 +537,23 @@ class BudgetPolicy:
         price = self._price(cost_weight)
         if price is not None:
             observations = with_price(observations, price)
-        return [self._decision(row) for row in self.probabilities(observations)]
+        probabilities = self.probabilities(observations)
+        if self.price_fallback:
+            weights = np.broadcast_to(np.asarray(price, dtype=np.float64), (len(probabilities),))
+            for row, weight in enumerate(weights):
+                fixed = self._fixed_at(float(weight))
+                if fixed is not None:
+                    probabilities[row] = fixed
+        return [self._decision(row) for row in probabilities]
+
+    def _fixed_at(self, cost_weight: float) -> np.ndarray | None:
+        """The one-hot probabilities of the fixed action the price fallback takes at this lambda, if any."""
+        for low, high, action in self.price_fallback:
+            if low <= cost_weight <= high:
+                one_hot = np.zeros(len(self.actions))
+                one_hot[action] = 1.0
+                return one_hot
+        return None
 
     def decide(
         self,
@@ -558,6 +585,9 @@ class BudgetPolicy:
         features = self.features(prompt, hidden)
         price = self._price(cost_weight)
         if price is not None:
+            fixed = self._fixed_at(float(price)) if self.price_fallback else None
+            if fixed is not None:
+                return self._decision(fixed)
             features = with_price(features, float(price))
         return self._decision(self._probabilities_one(features))
 

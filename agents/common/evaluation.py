@@ -37,7 +37,11 @@ def query_questions(table: str | Path) -> dict[str, str]:
 
 
 def check_policy_fits_table(
-    policy: BudgetPolicy, manifest: dict[str, Any], where: str, probe_controller: bool = False
+    policy: BudgetPolicy,
+    manifest: dict[str, Any],
+    where: str,
+    probe_controller: bool = False,
+    stream_policy: bool = False,
 ) -> None:
     """Refuse a policy whose action table or feature spec is not the table's.
 
@@ -47,6 +51,8 @@ def check_policy_fits_table(
         where: how to name the policy in a message.
         probe_controller: expect a probe controller (``train --env probe``) instead of
             a per-query policy.
+        stream_policy: expect a stream policy (``train --env stream``) instead of a
+            per-query policy.
 
     Raises:
         ValueError: the action names (in order) or the feature spec differ, or the
@@ -97,10 +103,18 @@ def check_policy_fits_table(
             f"{where}: a probe controller (answer or continue at checkpoints); gate, cv and eval's policy "
             "argument take per-query policies (eval scores a probe controller with --probe-run)"
         )
+    elif stream_policy:
+        from tokenopt.agents.common.hyperparams import ENV_IDS
+
+        if policy.spec.get("env_id") != ENV_IDS["stream"]:
+            raise ValueError(
+                f"{where}: not a stream policy (trained on {policy.spec.get('env_id')!r}); "
+                "expected a `tokenopt train --env stream` run"
+            )
     elif policy.extra_inputs:
         raise ValueError(
             f"{where}: the policy takes extra inputs {policy.extra_inputs} (a stream policy); "
-            "gate, cv and eval score per-query (budget env) policies"
+            "gate, cv and eval score per-query (budget env) policies (eval scores a stream policy with --stream-run)"
         )
 
 

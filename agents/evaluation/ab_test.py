@@ -1,8 +1,9 @@
 """A/B report of a decision log: does arm B beat arm A on exact match or on tokens?
 
-``tokenopt ab-report LOG`` reads the rows a server wrote (:mod:`tokenopt.decisions`)
-and compares the two arms on the requests their policies decided (status 200, not
-bypassed by the client):
+``tokenopt ab-report LOG...`` reads the rows a server wrote (:mod:`tokenopt.decisions`;
+several replicas' logs are read together, feedback joined across them) and compares
+the two arms on the requests their policies decided (status 200, not bypassed by the
+client):
 
 - exact match, on the rows with feedback, by a two-proportion z-test with the pooled
   proportion under the null (Fleiss, Levin & Paik, *Statistical Methods for Rates and
@@ -19,6 +20,7 @@ Recipes*, 3rd ed. 2007, section 6.4), so the report needs no SciPy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,7 @@ class ABReport:
     """Both arms and the two tests."""
 
     log: str
+    """The log read (several: comma-separated)."""
     alpha: float
     arms: dict[str, ArmSummary]
     em_test: TestResult | None
@@ -84,6 +87,8 @@ class ABReport:
     tokens_test: TestResult | None
     """None when an arm has fewer than two requests."""
     notes: list[str] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+    """The logs read, one per replica."""
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (NaN and infinities, which JSON lacks, become None)."""
@@ -190,11 +195,12 @@ def _tokens_test(a: ArmSummary, b: ArmSummary, alpha: float) -> TestResult | Non
     return result
 
 
-def ab_report(path: str | Path, alpha: float = 0.05) -> ABReport:
-    """Compare arms A and B of a decision log.
+def ab_report(path: str | Path | Sequence[str | Path], alpha: float = 0.05) -> ABReport:
+    """Compare arms A and B of a decision log, or of several replicas' logs read together.
 
     Args:
-        path: the log the server writes with ``--log``.
+        path: the log the server writes with ``--log``; or several (files, folders, glob
+            patterns: :func:`tokenopt.decisions.read_decisions` joins them).
         alpha: significance level of both tests (two-sided).
 
     Raises:
@@ -205,17 +211,18 @@ def ab_report(path: str | Path, alpha: float = 0.05) -> ABReport:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"--alpha must be in (0, 1), e.g. 0.05; got {alpha}")
     decisions = read_decisions(path)
+    label = ", ".join(decisions.logs)
     arms = {arm: _summarise(decisions, arm) for arm in ARMS}
     missing = [arm for arm, summary in arms.items() if summary.requests == 0]
     if missing:
         present = sorted({str(arm) for arm in decisions.arm})
         counts = ", ".join(f"{arm}: {arms[arm].requests}" for arm in ARMS)
         raise ValueError(
-            f"{path} has no policy-decided status-200 request of arm {' or '.join(missing)} ({counts}; arms in the "
+            f"{label} has no policy-decided status-200 request of arm {' or '.join(missing)} ({counts}; arms in the "
             f"log: {present or 'none'}); an A/B report needs both arms: serve a second policy with "
             "`tokenopt serve --policy-b`"
         )
-    notes: list[str] = []
+    notes = decisions.notes()
     for arm, summary in arms.items():
         if summary.bypassed or summary.errors:
             notes.append(
@@ -238,7 +245,9 @@ def ab_report(path: str | Path, alpha: float = 0.05) -> ABReport:
     tokens_test = _tokens_test(arms["A"], arms["B"], alpha)
     if tokens_test is None:
         notes.append("tokens cannot tell yet: Welch's t-test needs at least two requests per arm")
-    return ABReport(log=str(path), alpha=alpha, arms=arms, em_test=em_test, tokens_test=tokens_test, notes=notes)
+    return ABReport(
+        log=label, alpha=alpha, arms=arms, em_test=em_test, tokens_test=tokens_test, notes=notes, logs=decisions.logs
+    )
 
 
 def _number(value: float | None, digits: int) -> str:

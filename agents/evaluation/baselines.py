@@ -13,12 +13,17 @@ the learned policy, and bills what it would have spent:
 - Adaptive-Consistency-style sampling: draw the samples of ``sc<k>`` one by one and
   stop once the vote is decided (or likely decided, by its Beta stopping rule);
 - RouteLLM-style router: a classifier scores how likely the expensive action beats the
-  cheap one, and a threshold routes between them.
+  cheap one, and a threshold routes between them;
+- CLEAR-style allocation: a fixed total budget is shared across the split's queries
+  through one global shadow price on their EM-versus-action curves predicted from the
+  prompt features (:func:`clear_allocation`).
 
 Each method yields :class:`OperatingPoint` objects, one per setting of its knob: the
 per-query exact match and billed tokens on a split. :func:`probe_controller_point` replays
 the learned probe controller (``tokenopt train --env probe``) through its runtime
-session with the same bill as the two probing rules and the environment.
+session with the same bill as the two probing rules and the environment;
+:func:`stream_policy_point` replays the stream policy (``tokenopt train --env stream``) on
+TokenBudgetStream-v0, for comparison with the CLEAR-style allocation at its total spend.
 :mod:`tokenopt.agents.evaluation.scoreboard` turns them into curves, rows and plots.
 """
 
@@ -41,15 +46,25 @@ from tokenopt.table import ReplayTable
 
 __all__ = [
     "DEER_THRESHOLDS",
+    "BudgetAllocation",
+    "ClearModel",
     "OperatingPoint",
     "ReplayTable",
+    "RidgePredictor",
     "adaptive_consistency_points",
+    "clear_allocation",
+    "clear_point",
+    "clear_points",
+    "clear_stream_point",
     "deer_points",
     "dynasor_points",
     "fixed_points",
     "probe_controller_point",
     "probe_oracle_point",
     "router_points",
+    "stream_environment",
+    "stream_orders",
+    "stream_policy_point",
     "tale_points",
 ]
 
@@ -254,6 +269,241 @@ def _point(method: str, setting: str, replay: ReplayTable, columns: np.ndarray) 
     return OperatingPoint(method, setting, m.exact_match[rows, columns], m.billed_tokens[rows, columns], columns)
 
 
+# --- CLEAR-style allocation of one total budget -----------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetAllocation:
+    """What :func:`clear_allocation` gives each query of a batch under one total budget."""
+
+    columns: np.ndarray
+    """Per query, the action column allocated."""
+    shadow_price: float
+    """The price mu of one token at which the batch meets the budget (0: the budget does not bind)."""
+    spent: float
+    """The batch's total billed tokens under the allocation (at most the total budget)."""
+    utility: float
+    """The batch's total predicted utility (predicted EM) under the allocation."""
+
+
+def _cheapest_best(utility: np.ndarray, cost: np.ndarray, price: float) -> np.ndarray:
+    """Per query, argmax of utility - price * cost; ties go to the cheaper action, then the lower column."""
+    score = utility - price * cost
+    best = score.max(axis=1, keepdims=True)
+    tied = score >= best - 1e-12 * np.maximum(1.0, np.abs(best))
+    return np.argmin(np.where(tied, cost, np.inf), axis=1)
+
+
+def clear_allocation(
+    utility: np.ndarray,
+    cost: np.ndarray,
+    total_budget: float,
+    billed: np.ndarray | None = None,
+    iterations: int = 200,
+) -> BudgetAllocation:
+    """Allocate a total budget across a batch of queries through one global shadow price.
+
+    Every query takes ``argmax_a utility[q, a] - mu * cost[q, a]``; the price ``mu >= 0``
+    is found by bisection so that the batch's total billed tokens (``billed``, by
+    default ``cost``) are at most ``total_budget`` (``mu = 0`` when the most useful
+    actions already fit). Ties: within a query, equally good actions go to the
+    cheaper, then to the lower column; at the price the bisection ends on, the queries
+    whose choice differs on the two sides of its final bracket (those tied at the
+    price) take the dearer, more useful action in batch order while it still fits, and
+    the rest keep the cheaper one. With ``billed`` left to ``cost``, a larger budget
+    never lowers the total utility.
+
+    CLEAR-like: as in CLEAR (2026), one shadow price equalises the marginal utility per
+    token across the whole batch, and the batch is known in advance (offline
+    allocation). What differs: the options are the rows of tokenopt's action table
+    (budget, mode), not a continuous token budget; no fractional or random mix is made
+    at the price, so part of one tied upgrade's cost may stay unspent; the utility and
+    cost are whatever the caller predicts (:func:`clear_point` predicts both from the
+    prompt features), and the one price may be set on what the batch is then billed.
+
+    Args:
+        utility: (queries, actions) predicted utility, e.g. predicted exact match.
+        cost: (queries, actions) the cost each decision weighs, >= 0 (e.g. predicted tokens).
+        total_budget: the batch's total budget, in billed tokens.
+        billed: (queries, actions) what each action is billed, summed against the
+            budget; None: ``cost``.
+        iterations: bisection steps on the price.
+
+    Returns:
+        The allocation, its price, billed total and total predicted utility.
+
+    Raises:
+        ValueError: arrays that are empty, not finite, of different shapes, a negative
+            cost or bill, a negative or non-finite budget, or a budget below the bill of
+            the cheapest action of every query.
+    """
+    utility = np.asarray(utility, dtype=np.float64)
+    cost = np.asarray(cost, dtype=np.float64)
+    bill = cost if billed is None else np.asarray(billed, dtype=np.float64)
+    if utility.ndim != 2 or utility.shape != cost.shape or utility.shape != bill.shape or utility.size == 0:
+        raise ValueError(
+            f"utility, cost and billed must be (queries, actions) arrays of one shape with at least one query and "
+            f"action; got {utility.shape}, {cost.shape} and {bill.shape}"
+        )
+    if not (np.isfinite(utility).all() and np.isfinite(cost).all() and np.isfinite(bill).all()):
+        raise ValueError("utility, cost and billed must be finite")
+    if (cost < 0).any() or (bill < 0).any():
+        raise ValueError(f"costs and bills must be >= 0; got minima {cost.min():g} and {bill.min():g}")
+    if not (math.isfinite(total_budget) and total_budget >= 0):
+        raise ValueError(f"the total budget must be a finite number >= 0; got {total_budget}")
+    rows = np.arange(len(cost))
+
+    def spend(columns: np.ndarray) -> float:
+        return float(bill[rows, columns].sum())
+
+    def allocation(columns: np.ndarray, price: float) -> BudgetAllocation:
+        return BudgetAllocation(columns, price, spend(columns), float(utility[rows, columns].sum()))
+
+    free = _cheapest_best(utility, cost, 0.0)
+    if spend(free) <= total_budget:
+        return allocation(free, 0.0)
+    gaps = cost - cost.min(axis=1, keepdims=True)
+    positive = gaps[gaps > 0]
+    # Past this price every query takes its cheapest action (the most useful of equally cheap ones).
+    high = (float(utility.max() - utility.min()) + 1.0) / (float(positive.min()) if positive.size else 1.0)
+    floor = spend(_cheapest_best(utility, cost, high))
+    if floor > total_budget:
+        raise ValueError(
+            f"the total budget {total_budget:g} is below {floor:g}, the bill of the cheapest action of every query"
+        )
+    low = 0.0
+    for _ in range(iterations):  # low never fits, high always does
+        middle = (low + high) / 2.0
+        if spend(_cheapest_best(utility, cost, middle)) <= total_budget:
+            high = middle
+        else:
+            low = middle
+    columns = _cheapest_best(utility, cost, high)
+    dearer = _cheapest_best(utility, cost, low)
+    spent = spend(columns)
+    for query in np.flatnonzero(dearer != columns):  # tied at the price: upgrade in batch order while it fits
+        extra = bill[query, dearer[query]] - bill[query, columns[query]]
+        if spent + extra <= total_budget:
+            columns[query] = dearer[query]
+            spent += extra
+    return allocation(columns, high)
+
+
+class RidgePredictor:
+    """Per-action ridge regressions of an outcome on the standardised prompt features.
+
+    One closed-form multi-output ridge regression (with an intercept) over all
+    actions; its strength is the one of ``alphas`` with the lowest squared error on
+    the validation split. Predictions are clipped to ``[low, high]``. Deterministic.
+    """
+
+    def __init__(
+        self,
+        low: float = -math.inf,
+        high: float = math.inf,
+        alphas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0),
+    ) -> None:
+        self.low, self.high, self.alphas = low, high, alphas
+
+    def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> RidgePredictor:
+        """Fit on (queries, features) and (queries, actions) outcomes; pick the strength on the val pair."""
+        self.mean = x.mean(axis=0)
+        self.std = x.std(axis=0) + 1e-6
+        self.intercept = y.mean(axis=0)
+        z, z_val = (x - self.mean) / self.std, (x_val - self.mean) / self.std
+        gram, moment = z.T @ z, z.T @ (y - self.intercept)
+        best = math.inf
+        for alpha in self.alphas:
+            weights = np.linalg.solve(gram + alpha * np.eye(len(gram)), moment)
+            error = float(((np.clip(z_val @ weights + self.intercept, self.low, self.high) - y_val) ** 2).mean())
+            if error < best:
+                best, self.alpha, self.weights = error, alpha, weights
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(queries, actions) predictions."""
+        return np.asarray(np.clip(((x - self.mean) / self.std) @ self.weights + self.intercept, self.low, self.high))
+
+
+@dataclass
+class ClearModel:
+    """The CLEAR-style baseline's per-query curves: EM and billed tokens against the action."""
+
+    exact_match: RidgePredictor
+    billed_tokens: RidgePredictor
+    ladders: list[list[int]]
+    """Each mode's action columns by increasing budget."""
+
+    @classmethod
+    def fit(cls, train: ReplayTable, val: ReplayTable) -> ClearModel:
+        """Fit both on ``train``'s prompt features and outcomes; pick their strengths on ``val``."""
+        x, x_val, m, m_val = _features(train), _features(val), train.matrix, val.matrix
+        return cls(
+            RidgePredictor(0.0, 1.0).fit(x, m.exact_match, x_val, m_val.exact_match),
+            RidgePredictor(0.0).fit(x, m.billed_tokens, x_val, m_val.billed_tokens),
+            [train.ladder(mode) for mode in train.mode_names],
+        )
+
+    def predict(self, replay: ReplayTable) -> tuple[np.ndarray, np.ndarray]:
+        """(queries, actions) predicted EM and billed tokens of ``replay``'s queries.
+
+        A larger budget of one mode is never predicted to bill less (it never reasons
+        less), so within a mode the smallest budget is the cheapest, as it is in fact.
+        """
+        x = _features(replay)
+        tokens = self.billed_tokens.predict(x)
+        for ladder in self.ladders:
+            tokens[:, ladder] = np.maximum.accumulate(tokens[:, ladder], axis=1)
+        return self.exact_match.predict(x), tokens
+
+
+def clear_point(model: ClearModel, replay: ReplayTable, total_budget: float, setting: str) -> OperatingPoint:
+    """The CLEAR-style allocation of ``total_budget`` billed tokens across ``replay``'s queries, scored.
+
+    Each query's decision weighs its EM and billed tokens per action as ``model``
+    predicts them from its prompt features; the one shadow price is set so that the
+    split's actual billed tokens meet the budget (as a server's price follows the spend
+    it observes). The outcomes are otherwise only looked up to score the allocation:
+    a table's billed tokens hold the answer's length, which would tell right from
+    wrong answers.
+
+    Raises:
+        ValueError: as :func:`clear_allocation` (e.g. a budget below the cheapest actions').
+    """
+    utility, cost = model.predict(replay)
+    allocation = clear_allocation(utility, cost, total_budget, billed=replay.matrix.billed_tokens)
+    return _point("CLEAR-style", setting, replay, allocation.columns)
+
+
+def clear_points(train: ReplayTable, val: ReplayTable, targets: list[ReplayTable]) -> list[list[OperatingPoint]]:
+    """CLEAR-style: one shadow price allocates each fixed action's total spend across the split.
+
+    For every action of the table, the total budget on a target split is what that
+    fixed action bills there, so each setting is compared with a fixed action at
+    exactly equal spend on the same queries (see :func:`clear_allocation` and
+    :func:`clear_point`). An action whose spend is below what the cheapest predicted
+    actions bill on some target (the cheapest fixed action's, when the predictions
+    put another action first) gives no setting.
+
+    Returns:
+        For each target table, its operating points (one per action's spend, in the
+        same order on every target).
+    """
+    model = ClearModel.fit(train, val)
+    points: list[list[OperatingPoint]] = [[] for _ in targets]
+    for j, name in enumerate(train.matrix.actions):
+        try:
+            settings = [
+                clear_point(model, target, float(target.matrix.billed_tokens[:, j].sum()), f"at the spend of {name}")
+                for target in targets
+            ]
+        except ValueError:
+            continue  # below the cheapest predicted allocation on some target
+        for out, point in zip(points, settings, strict=True):
+            out.append(point)
+    return points
+
+
 # --- replayed early-exit baselines -----------------------------------------------
 
 
@@ -416,6 +666,106 @@ def probe_controller_point(
     return OperatingPoint(
         "tokenopt probe controller", setting, replay.matrix.exact_match[rows, columns], billed, columns
     )
+
+
+def stream_environment(replay: ReplayTable) -> Any:
+    """TokenBudgetStream-v0 on ``replay``'s split, with the environment's default stream length and budget."""
+    from tokenopt.envs import TableSource, TokenBudgetStreamEnv
+
+    return TokenBudgetStreamEnv(source=TableSource(replay.matrix, str(replay.matrix.splits[0])))
+
+
+def stream_orders(queries: int, length: int, passes: int, seed: int) -> list[np.ndarray]:
+    """Each pass's seeded order of a split's queries, completed to whole streams of ``length``.
+
+    The last, shorter stream is completed with queries from the start of the order;
+    positions at or past ``queries`` are padding, whose second answers are not counted.
+
+    Raises:
+        ValueError: ``passes`` < 1.
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1; got {passes}")
+    orders = []
+    for p in range(passes):
+        order = np.random.default_rng(seed * 7919 + p).permutation(queries)
+        orders.append(np.concatenate([order, order[: (-queries) % length]]))
+    return orders
+
+
+def clear_stream_point(
+    model: ClearModel, replay: ReplayTable, stream_budget: float, length: int, passes: int = 4, seed: int = 0
+) -> OperatingPoint:
+    """CLEAR-style within each stream of the stream policy's replay, at the stream environment's budget.
+
+    The streams are :func:`stream_orders`' (the same as :func:`stream_policy_point`
+    replays, padding left out); each is a batch that :func:`clear_point` allocates
+    offline with ``stream_budget`` (cut in proportion for the last, shorter stream).
+
+    Returns:
+        Per query, the mean exact match and billed tokens over the passes.
+
+    Raises:
+        ValueError: a stream's budget is below its cheapest predicted allocation, or
+            ``passes`` < 1.
+    """
+    n = len(replay.matrix.ids)
+    exact, billed = np.zeros(n), np.zeros(n)
+    for padded in stream_orders(n, length, passes, seed):
+        order = padded[:n]
+        for start in range(0, n, length):
+            queries = order[start : start + length]
+            point = clear_point(model, replay.take(queries), stream_budget * len(queries) / length, "")
+            exact[queries] += point.exact_match / passes
+            billed[queries] += point.billed_tokens / passes
+    setting = f"each stream of {length} queries, {stream_budget / length:.2f} tokens a query"
+    return OperatingPoint("CLEAR-style", setting, exact, billed)
+
+
+def stream_policy_point(policy: BudgetPolicy, replay: ReplayTable, passes: int = 4, seed: int = 0) -> OperatingPoint:
+    """The stream policy (``tokenopt train --env stream``), replayed on TokenBudgetStream-v0 over a split.
+
+    Each pass puts the split's queries in a seeded order and cuts it into streams of
+    the environment's ``stream_length``, each sharing the environment's total budget as
+    it derives it on this split (its default ``budget_fraction`` of the max-budget greedy
+    action's tokens). The last, shorter stream is completed with queries from the start
+    of the order, whose second answers are not counted. The policy decides as its
+    training validator does: the most probable action for the environment's
+    observation (the table's prompt features, the fractions of budget and queries
+    left), through the runtime; the environment answers as it does in training (an
+    action that no longer fits falls back to the cheapest, and a query nothing fits
+    scores 0 and costs nothing).
+
+    Returns:
+        Per query, the mean exact match and billed tokens over the passes (``actions``:
+        the first pass's); the setting names the streams' length and budget.
+
+    Raises:
+        ValueError: the policy is not a stream policy, or ``passes`` < 1.
+    """
+    if len(policy.extra_inputs) != 2 or policy.probe is not None:
+        raise ValueError(f"{policy.policy_id} is not a stream policy (trained on {policy.spec.get('env_id')!r})")
+    m = replay.matrix
+    env = stream_environment(replay)
+    n, length = len(m.ids), env.stream_length
+    column = {name: j for j, name in enumerate(m.actions)}
+    exact, billed = np.zeros(n), np.zeros(n)
+    first_actions = np.zeros(n, dtype=np.int64)
+    for p, padded in enumerate(stream_orders(n, length, passes, seed)):
+        for start in range(0, len(padded), length):
+            stream = padded[start : start + length]
+            observation, _ = env.reset(options={"order": stream})
+            for position, query in enumerate(stream):
+                action = int(np.argmax(policy.probabilities(observation[None, :])[0]))
+                observation, _, _, _, info = env.step(action)
+                if start + position < n:  # a padding query's second answer is not counted
+                    exact[query] += info["em"] / passes
+                    billed[query] += info["billed_tokens"] / passes
+                    if p == 0:
+                        first_actions[query] = column[info["action"]]
+    per_query = env.total_budget / length
+    setting = f"streams of {length} queries, {per_query:.2f} tokens a query"
+    return OperatingPoint("tokenopt stream policy", setting, exact, billed, first_actions)
 
 
 def probe_oracle_point(

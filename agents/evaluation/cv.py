@@ -161,7 +161,8 @@ def cross_validate(
         trained = train(config, progress=report, matrix=fold_matrix)
         policy = BudgetPolicy.load(export_run(run_dir))
         test = fold_matrix.subset("test")
-        test_metrics = evaluate_actions(test, policy_choices(policy, test, questions, cost_model.cost_weight), cost_model)
+        chosen = policy_choices(policy, test, questions, cost_model.cost_weight)
+        test_metrics = evaluate_actions(test, chosen, cost_model)
         split_ids = {name: [q for q, s in zip(matrix.ids, splits, strict=True) if s == name] for name in
                      ("train", "val", "test")}  # fmt: skip
         (run_dir / "splits.json").write_text(json.dumps(split_ids) + "\n", encoding="utf-8")

@@ -328,6 +328,8 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
         else:
             shutil.rmtree(learned_dir)
     matrix = OutcomeMatrix.from_table(config["table"]).subset("val")
+    if config.get("cost_weight_range"):
+        return _apply_price_no_harm(run, config, matrix, fallback, seed)
     chosen = policy_choices(BudgetPolicy.load(run.policy), matrix, query_questions(config["table"]))
     verdict = no_harm_verdict(matrix, chosen, cost_model, "val", seed=seed)
     rows = np.arange(len(chosen))
@@ -340,11 +342,8 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
         references[f"max-budget greedy {matrix.actions[greedy]}"] = rewards[:, greedy]
     figures = split_figures(matrix, matrix.exact_match[rows, chosen], matrix.billed_tokens[rows, chosen], cost_model,
                             compare=references, seed=seed)  # fmt: skip
-    # A fixed action serves one price; a price-conditioned policy is kept and the verdict (at its default) reported.
-    conditioned = bool(config.get("cost_weight_range"))
-    fell_back = fallback and not verdict.beats_fixed and not conditioned
+    fell_back = fallback and not verdict.beats_fixed
     result: dict[str, Any] = {
-        "price_conditioned": conditioned,
         "figures": {name: [value.value, value.low, value.high] for name, value in figures.items()},
         "verdict": verdict.to_dict(),
         "noise": noise.to_dict(),
@@ -360,8 +359,115 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
     return result
 
 
+def price_fallback_entries(
+    matrix: OutcomeMatrix, cost_model: CostModel, low: float, high: float, points: int = 512
+) -> list[dict[str, Any]]:
+    """The best fixed action on ``matrix`` at every lambda of ``[low, high]``, as price intervals.
+
+    The best fixed action at lambda is the argmax over actions of mean EM minus lambda times mean
+    cost: an upper envelope of lines, so each action holds one interval. It is read off a log-spaced
+    grid of ``points`` weights; interval ends are geometric midpoints between grid weights.
+    """
+    weights = np.geomspace(low, high, points)
+    exact, billed = matrix.exact_match.mean(axis=0), matrix.billed_tokens.mean(axis=0)
+    prompt = float(matrix.prompt_tokens.mean())
+    best = [int(np.argmax(replace_weight(cost_model, w).reward(exact, billed, prompt))) for w in weights]
+    entries: list[dict[str, Any]] = []
+    start = 0
+    for k in range(1, points + 1):
+        if k == points or best[k] != best[start]:
+            entry_low = low if start == 0 else float(np.sqrt(weights[start - 1] * weights[start]))
+            entry_high = high if k == points else float(np.sqrt(weights[k - 1] * weights[k]))
+            entries.append({"low": entry_low, "high": entry_high, "action": matrix.actions[best[start]]})
+            start = k
+    return entries
+
+
+def replace_weight(cost_model: CostModel, cost_weight: float) -> CostModel:
+    """The cost model at another lambda (same prices)."""
+    return CostModel(cost_weight, cost_model.token_price, cost_model.prompt_token_price, cost_model.normalizer)
+
+
+def _apply_price_no_harm(
+    run: Any, config: dict[str, Any], matrix: OutcomeMatrix, fallback: bool, seed: int
+) -> dict[str, Any]:
+    """Do no harm at every price: a price-conditioned policy is checked at each weight of its validation grid.
+
+    The range is cut into cells around the grid's weights (ends at geometric midpoints). In a cell whose
+    weight fails the rule, the exported policy picks the best fixed action on val instead of deciding
+    (``price_fallback`` in ``policy.json``: price intervals and their action); where it passes, it decides.
+    The learned policy, unchanged, is kept in ``RUN/policy-learned/``.
+    """
+    from tokenopt.agents.common.evaluation import policy_choices, query_questions
+    from tokenopt.agents.ppo.validators import price_grid
+    from tokenopt.cost import CostSettings, parse_cost_weight_range
+    from tokenopt.runtime import POLICY_SPEC_FILE, BudgetPolicy
+    from tokenopt.table.schema import write_atomic
+
+    low, high = parse_cost_weight_range(config["cost_weight_range"])
+    prices = CostSettings(**{key: config[key] for key in ("cost_weight", "token_price", "prompt_token_price")
+                             if key in config})  # fmt: skip
+    learned = BudgetPolicy.load(run.policy)
+    questions = query_questions(config["table"])
+    grid = price_grid((low, high))
+    edges = [low, *(float(np.sqrt(a * b)) for a, b in zip(grid[:-1], grid[1:], strict=True)), high]
+    verdicts: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    for k, weight in enumerate(grid):
+        cost_model = prices.cost_model(weight)
+        chosen = policy_choices(learned, matrix, questions, weight)
+        verdict = no_harm_verdict(matrix, chosen, cost_model, "val", seed=seed)
+        verdicts.append(verdict.to_dict())
+        if not verdict.beats_fixed:
+            for entry in price_fallback_entries(matrix, cost_model, edges[k], edges[k + 1]):
+                if entries and entries[-1]["action"] == entry["action"] and entries[-1]["high"] == entry["low"]:
+                    entries[-1]["high"] = entry["high"]  # one interval where neighbouring cells agree
+                else:
+                    entries.append(entry)
+    fell_back = fallback and bool(entries)
+    result: dict[str, Any] = {
+        "price_conditioned": True,
+        "verdicts": verdicts,
+        "fallback": fell_back,
+        "price_fallback": entries if fell_back else [],
+        "policy": str(run.policy),
+        "learned_policy": str(run.policy),
+    }
+    if fell_back:
+        learned_dir = run.path / LEARNED_POLICY_DIR
+        shutil.copytree(run.policy, learned_dir)
+        spec = json.loads((run.policy / POLICY_SPEC_FILE).read_text(encoding="utf-8"))
+        spec["policy_id"] = f"{spec.get('policy_id', 'policy')}-price-fallback"
+        spec["price_fallback"] = entries
+        spec["fallback"] = {"price_fallback": entries, "learned_policy": str(learned_dir), "verdicts": verdicts}
+        text = json.dumps(spec, indent=2) + "\n"
+        write_atomic(run.policy / POLICY_SPEC_FILE, lambda partial: partial.write_text(text, encoding="utf-8"))
+        BudgetPolicy.load(run.policy)  # what was written loads
+        result["learned_policy"] = str(learned_dir)
+    (run.path / "no_harm.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
 def format_no_harm(result: dict[str, Any]) -> str:
     """What :func:`apply_no_harm` found, for ``tokenopt train`` to print."""
+    if result.get("price_conditioned"):
+        lines = ["do no harm at every price (val split; the policy's reward minus the best fixed action's there):"]
+        for verdict in result["verdicts"]:
+            lines.append(
+                f"  lambda {verdict['cost_weight']:g}: {verdict['reward_diff']:+.4f} vs {verdict['fixed_action']}, "
+                f"one-sided 95% lower bound {verdict['lower_bound']:+.4f}: "
+                + ("passed" if verdict["beats_fixed"] else "not passed")
+            )
+        if result["fallback"]:
+            spans = ", ".join(f"{e['low']:.4g}-{e['high']:.4g}: {e['action']}" for e in result["price_fallback"])
+            lines.append(
+                f"{result['policy']} picks the best fixed action on val at the prices where it did not pass ({spans}) "
+                f"and decides elsewhere; the learned policy is kept in {result['learned_policy']} (--no-fallback "
+                "exports it as is)."
+            )
+        elif not all(verdict["beats_fixed"] for verdict in result["verdicts"]):
+            lines.append("Exported the learned policy anyway (--no-fallback).")
+        return "\n".join(lines)
     verdict = result["verdict"]
     figures = result["figures"]
 
@@ -388,11 +494,6 @@ def format_no_harm(result: dict[str, Any]) -> str:
             f"{verdict['fixed_action']} (policy.json records it and why); the learned policy is kept in "
             f"{result['learned_policy']}. To export the learned policy anyway: `tokenopt export "
             f"{Path(result['policy']).parent} --no-fallback` (or train with --no-fallback), or serve that folder."
-        )
-    elif result.get("price_conditioned"):
-        lines.append(
-            f"do no harm: {verdict['reason']} at the default lambda. Exported the price-conditioned policy anyway: "
-            f"one fixed action cannot serve every price; compare it at each price with `tokenopt eval --cost-weight W`."
         )
     else:
         lines.append(

@@ -13,6 +13,11 @@ Given a probe run (``tokenopt train --env probe``), the learned probe controller
 watches the reasoning and answers at a checkpoint, is scored too (one controller per
 weight, replayed through its runtime session with the probing rules' bill), against
 the two probing rules (Dynasor-style, DEER-style) and the per-query policy.
+
+Given a stream run (``tokenopt train --env stream``), the stream policy, which shares one
+token budget across a stream of queries, is replayed on TokenBudgetStream-v0 over the
+split and compared at its measured total spend with the CLEAR-style allocation of that
+same total budget and with the fixed actions.
 """
 
 from __future__ import annotations
@@ -31,15 +36,21 @@ import yaml
 from tokenopt.agents.common.evaluation import check_policy_fits_table, policy_choices, query_questions
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.evaluation.baselines import (
+    ClearModel,
     OperatingPoint,
     ReplayTable,
     adaptive_consistency_points,
+    clear_point,
+    clear_points,
+    clear_stream_point,
     deer_points,
     dynasor_points,
     fixed_points,
     probe_controller_point,
     probe_oracle_point,
     router_points,
+    stream_environment,
+    stream_policy_point,
     tale_points,
 )
 from tokenopt.agents.evaluation.no_harm import oracle_noise, split_figures
@@ -54,12 +65,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_SWEEP = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
 """Cost weights of the sweep: 400 down to about 6 billed tokens per exact match."""
 
-BASELINES = ("fixed", "TALE-style", "Dynasor-style", "DEER-style", "Adaptive-Consistency-style", "RouteLLM-style")
+BASELINES = (
+    "fixed", "TALE-style", "Dynasor-style", "DEER-style", "Adaptive-Consistency-style", "RouteLLM-style", "CLEAR-style",
+)  # fmt: skip
 
 PROBE_RULES = ("Dynasor-style", "DEER-style")
 """The baselines that, like the probe controller, probe the answer at budget checkpoints."""
 
-POLICY, PROBE = "tokenopt policy", "tokenopt probe controller"
+POLICY, PROBE, STREAM = "tokenopt policy", "tokenopt probe controller", "tokenopt stream policy"
+CLEAR_PER_STREAM = "CLEAR-style, per stream"
+CONDITIONED = "tokenopt price-conditioned policy"
 
 
 @dataclass
@@ -87,6 +102,14 @@ class ScoreboardConfig:
     probe_run: str | None = None
     """A ``tokenopt train --env probe`` run (or its policy folder) to score as well; the sweep
     trains one controller per missing weight with the run's settings (reused if there)."""
+    conditioned: str | None = None
+    """A price-conditioned run or policy (``train --cost-weight-range``), scored at every weight of the
+    sweep inside its range and drawn as one curve beside the per-weight policies."""
+    stream_run: str | None = None
+    """A ``tokenopt train --env stream`` run (or its policy folder), compared with the CLEAR-style
+    allocation and the fixed actions at its measured total spend."""
+    stream_passes: int = 4
+    """Seeded orders of the split the stream policy is replayed over (per query, the mean)."""
 
 
 # --- curves ----------------------------------------------------------------------
@@ -160,13 +183,13 @@ def _resolve_policy(path: Path) -> tuple[Path, Path | None]:
 
 
 def _policy_columns(
-    policy_dir: Path, matrix: OutcomeMatrix, questions: dict[str, str], manifest: dict[str, Any]
+    policy_dir: Path, matrix: OutcomeMatrix, questions: dict[str, str], manifest: dict[str, Any], weight: float
 ) -> np.ndarray:
     from tokenopt.runtime import BudgetPolicy
 
     policy = BudgetPolicy.load(policy_dir)
     check_policy_fits_table(policy, manifest, str(policy_dir))
-    return policy_choices(policy, matrix, questions)
+    return policy_choices(policy, matrix, questions, weight)
 
 
 def _load_probe_controller(policy_dir: Path, manifest: dict[str, Any]) -> Any:
@@ -256,6 +279,7 @@ NO_POINTS_REASONS = {
         "on the train split no expensive action is ever right where the cheap one is wrong, so there is "
         "nothing to route"
     ),
+    "CLEAR-style": "the table has no action to allocate",
 }
 """Why a baseline the table gives no operating point is left out of the scoreboard."""
 
@@ -277,6 +301,7 @@ def baseline_points(
         "DEER-style": lambda: [deer_points(target) for target in targets],
         "Adaptive-Consistency-style": lambda: [adaptive_consistency_points(target) for target in targets],
         "RouteLLM-style": lambda: router_points(train, val, targets, seed=seed),
+        "CLEAR-style": lambda: clear_points(train, val, targets),
     }
     points: dict[str, list[OperatingPoint]] = {"val": [], "test": []}
     left_out: dict[str, str] = {}
@@ -320,12 +345,30 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     policy_dir, run = _resolve_policy(Path(config.policy))
     from tokenopt.runtime import BudgetPolicy
 
-    check_policy_fits_table(BudgetPolicy.load(policy_dir), manifest, str(policy_dir))  # before any work
+    main_policy = BudgetPolicy.load(policy_dir)
+    check_policy_fits_table(main_policy, manifest, str(policy_dir))  # before any work
     policy_meta = json.loads((policy_dir / POLICY_SPEC_FILE).read_text(encoding="utf-8")).get("metadata", {})
     default_weight = float(
         config.cost_weight if config.cost_weight is not None else policy_meta.get("cost_weight", DEFAULT_COST_WEIGHT)
     )
     weights = sorted(set(config.cost_weights) | {default_weight})
+    conditioned_dir: Path | None = None
+    conditioned_weights: list[float] = []
+    if config.conditioned is not None:
+        conditioned_dir = _resolve_policy(Path(config.conditioned))[0]
+        conditioned = BudgetPolicy.load(conditioned_dir)
+        check_policy_fits_table(conditioned, manifest, str(conditioned_dir))
+        if conditioned.cost_weight_range is None:
+            raise ValueError(
+                f"{conditioned_dir} was trained for one cost weight; --conditioned takes a price-conditioned "
+                "policy (`tokenopt train --cost-weight-range LOW:HIGH`)"
+            )
+        low, high = conditioned.cost_weight_range
+        conditioned_weights = [w for w in weights if low <= w <= high]
+        if not conditioned_weights:
+            raise ValueError(
+                f"no cost weight of the sweep {weights} lies in {conditioned_dir}'s range {low:g}:{high:g}"
+            )
     probe: tuple[Path, Path | None, float] | None = None
     if config.probe_run is not None:
         probe_dir, probe_source = _resolve_policy(Path(config.probe_run))
@@ -333,6 +376,10 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         probe_meta = json.loads((probe_dir / POLICY_SPEC_FILE).read_text(encoding="utf-8")).get("metadata", {})
         probe = (probe_dir, probe_source, float(probe_meta.get("cost_weight", default_weight)))
         weights = sorted(set(weights) | {probe[2]})
+    stream_dir: Path | None = None
+    if config.stream_run is not None:
+        stream_dir = _resolve_policy(Path(config.stream_run))[0]
+        check_policy_fits_table(BudgetPolicy.load(stream_dir), manifest, str(stream_dir), stream_policy=True)
 
     say("replaying the baselines")
     points, left_out = baseline_points(train_r, val_r, test_r, config.seed)
@@ -346,6 +393,15 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         default_weight: policy_dir,
         **{float(w): Path(p) for w, p in config.extra_policies.items()},
     }
+    if main_policy.cost_weight_range is not None:  # one policy serves every weight of its range
+        low, high = main_policy.cost_weight_range
+        outside = [w for w in weights if not low <= w <= high]
+        if outside:
+            raise ValueError(
+                f"{policy_dir} is price-conditioned for {low:g}:{high:g}; the sweep's weights {outside} lie outside "
+                "it: give --cost-weights inside the range"
+            )
+        policies |= {weight: policy_dir for weight in weights if weight not in policies}
     for weight in weights:
         if weight not in policies:
             say(f"training the sweep's policy for cost weight {weight:g}")
@@ -363,10 +419,19 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
             probe_points[weight] = probe_controller_point(controller, test_r, questions, f"lambda {weight:g}")
     policy_points: dict[float, OperatingPoint] = {}
     for weight in weights:
-        columns = _policy_columns(policies[weight], test_r.matrix, questions, manifest)
+        columns = _policy_columns(policies[weight], test_r.matrix, questions, manifest, weight)
         rows = np.arange(len(columns))
         policy_points[weight] = OperatingPoint(
             "tokenopt policy", f"lambda {weight:g}", test_r.matrix.exact_match[rows, columns],
+            test_r.matrix.billed_tokens[rows, columns], columns,
+        )  # fmt: skip
+    conditioned_points: dict[float, OperatingPoint] = {}
+    for weight in conditioned_weights:
+        assert conditioned_dir is not None
+        columns = _policy_columns(conditioned_dir, test_r.matrix, questions, manifest, weight)
+        rows = np.arange(len(columns))
+        conditioned_points[weight] = OperatingPoint(
+            CONDITIONED, f"lambda {weight:g}", test_r.matrix.exact_match[rows, columns],
             test_r.matrix.billed_tokens[rows, columns], columns,
         )  # fmt: skip
 
@@ -381,6 +446,9 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
     if probe_points:
         probe_sweep = [probe_points[w] for w in weights]
         curves[PROBE] = envelope(np.array([p.tokens for p in probe_sweep]), np.array([p.em for p in probe_sweep]))
+    if conditioned_points:
+        mine = list(conditioned_points.values())
+        curves[CONDITIONED] = envelope(np.array([p.tokens for p in mine]), np.array([p.em for p in mine]))
     greedy_ladder = test_r.ladder("greedy") if "greedy" in test_r.mode_names else [int(np.argmax(test_r.budgets))]
     reference = greedy_ladder[-1]
     reference_em = float(test_r.matrix.exact_match[:, reference].mean())
@@ -456,6 +524,14 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
                     "reward": _reward(ceiling, cost_model, prompt["test"]),
                 }
             }
+        if weight in conditioned_points:
+            point = conditioned_points[weight]
+            row = _row(CONDITIONED, f"lambda {weight:g}", point, _reward(point, cost_model, prompt["test"]), best_fixed,
+                       oracle_reward)  # fmt: skip
+            per_lambda = {POLICY: _query_rewards(policy, cost_model, prompt["test"])}
+            rows_out.append(_with_intervals(row, point, test_r, cost_model, config.seed, per_lambda))
+            entry["conditioned_minus_policy"] = minus = row["reward_minus"][POLICY]
+            row["policy_minus"] = {"diff": -minus["diff"], "ci": [-minus["ci"][1], -minus["ci"][0]]}
         per_weight.append(entry)
 
     summary = {}
@@ -471,6 +547,17 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         oracle_sweep.append({"cost_weight": weight, **per_weight[weights.index(weight)]["oracle"]})
     sweep_only = [w for w in per_weight if any(math.isclose(w["cost_weight"], c) for c in config.cost_weights)]
     default = next(w for w in per_weight if math.isclose(w["cost_weight"], default_weight))
+    stream: dict[str, Any] | None = None
+    stream_point: OperatingPoint | None = None
+    if stream_dir is not None:
+        say("replaying the stream policy")
+        stream_point = stream_policy_point(
+            BudgetPolicy.load(stream_dir), test_r, passes=config.stream_passes, seed=config.seed
+        )
+        stream = _stream_comparison(
+            stream_point, train_r, val_r, test_r, points["test"], curves, config.stream_passes, config.seed
+        )
+        stream["policy"] = str(stream_dir)
     report = {
         "table": config.table,
         "split": config.split,
@@ -497,20 +584,128 @@ def run_scoreboard(config: ScoreboardConfig, progress: Callable[[str], None] | N
         },
         "left_out": left_out,
         "warnings": warnings,
+        **({"stream": stream} if stream is not None else {}),
         "per_weight": per_weight,
         "curves": summary,
         "oracle_sweep": oracle_sweep,
         "points": [{"method": p.method, "setting": p.setting, "em": p.em, "tokens": p.tokens} for p in points["test"]],
         "policies": {f"{w:g}": str(p) for w, p in policies.items()},
         "probe_controllers": {f"{w:g}": str(p) for w, p in probe_policies.items()},
+        "conditioned": str(conditioned_dir) if conditioned_dir is not None else None,
         "action_mix": _action_mix(test_r, policy_points[default_weight].actions, default_weight),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(format_report(report), encoding="utf-8")
     if config.plots:
         say("plotting")
-        _plots(out, report, points["test"], policy_points, probe_points, test_r, default_weight)
+        _plots(
+            out, report, points["test"], policy_points, probe_points, test_r, default_weight, conditioned_points,
+            stream_point,
+        )  # fmt: skip
     return report
+
+
+def _stream_comparison(
+    stream: OperatingPoint,
+    train: ReplayTable,
+    val: ReplayTable,
+    test: ReplayTable,
+    points: list[OperatingPoint],
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    passes: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The stream policy against the CLEAR-style allocation and the fixed actions at its total spend.
+
+    Rows, each with 95% paired-bootstrap intervals over the split's queries: the stream
+    policy; the CLEAR-style allocation of exactly its total billed tokens across the
+    split (left out, with the reason, when that is below the cheapest predicted actions);
+    CLEAR-style within each of the replay's streams at the environment's budget; the
+    most accurate fixed action that spends no more than the stream policy. Their EM and the stream policy's EM minus
+    theirs are compared (TokenBudgetStream-v0 rewards EM; the budget is its only cost).
+    Every baseline curve's EM at the stream policy's mean tokens comes with them.
+    """
+    total = float(stream.billed_tokens.sum())
+    picked: dict[str, OperatingPoint] = {}
+    left_out: dict[str, str] = {}
+    model = ClearModel.fit(train, val)
+    try:
+        picked["CLEAR-style"] = clear_point(model, test, total, f"its total spend across the split, {total:.0f} tokens")
+    except ValueError as error:
+        left_out["CLEAR-style"] = str(error)
+    env = stream_environment(test)
+    try:
+        picked[CLEAR_PER_STREAM] = clear_stream_point(model, test, env.total_budget, env.stream_length, passes, seed)
+    except ValueError as error:
+        left_out[CLEAR_PER_STREAM] = str(error)
+    affordable = [p for p in points if p.method == "fixed" and p.billed_tokens.sum() <= total + 1e-9]
+    if affordable:
+        picked["fixed"] = max(affordable, key=lambda p: (p.em, -p.tokens))
+    else:
+        left_out["fixed"] = "every fixed action spends more than the stream policy"
+    em_only = CostModel(0.0)  # reward = EM, as the stream environment rewards
+    compare = {name: point.exact_match for name, point in picked.items()}
+    figures = split_figures(test.matrix, stream.exact_match, stream.billed_tokens, em_only, compare=compare, seed=seed)
+    rows = [_stream_row(STREAM, stream, figures)]
+    for name, point in picked.items():
+        row = _stream_row(name, point, split_figures(
+            test.matrix, point.exact_match, point.billed_tokens, em_only, seed=seed
+        ))  # fmt: skip
+        minus = figures[f"reward_minus:{name}"]
+        row["stream_minus"] = {"diff": minus.value, "ci": minus.to_list()}
+        rows.append(row)
+    return {
+        "total_tokens": total,
+        "queries": len(test.matrix.ids),
+        "rows": rows,
+        "left_out": left_out,
+        "curves_at_its_tokens": {
+            method: (None if math.isinf(v := curve_at(curve, stream.tokens)) else v)
+            for method, curve in curves.items()
+            if method in BASELINES
+        },
+    }
+
+
+def _stream_row(method: str, point: OperatingPoint, figures: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": method, "setting": point.setting, "em": point.em, "tokens": point.tokens,
+        "total_tokens": float(point.billed_tokens.sum()),
+        "ci": {key: figures[key].to_list() for key in ("em", "tokens")},
+    }  # fmt: skip
+
+
+def format_stream_section(stream: dict[str, Any]) -> list[str]:
+    """The report's section on the stream policy against CLEAR-style and the fixed actions at its spend."""
+    lines = [
+        "## Stream policy against CLEAR-style at the same total budget",
+        "",
+        f"The stream policy (`{stream['policy']}`), replayed on TokenBudgetStream-v0 over the split's "
+        f"{stream['queries']} queries, billed {stream['total_tokens']:.0f} tokens in all. CLEAR-style allocates "
+        "at most that total across the split through one shadow price on the EM and billed tokens it predicts "
+        "per action from the prompt features (fitted on train); CLEAR-style, per stream, allocates each of the "
+        "replay's streams the environment's budget the same way; fixed is the most accurate single action that "
+        "spends no more than the stream policy. The stream policy sees its queries one at a time and holds each "
+        "stream's budget; CLEAR-style sees the whole batch at once (offline, as CLEAR allocates). Each figure "
+        "with its 95% bootstrap interval over the queries (the last column paired).",
+        "",
+        "| method | setting | EM | mean billed tokens | total billed tokens | stream policy EM minus this |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in stream["rows"]:
+        minus = r.get("stream_minus")
+        cell = "" if minus is None else f"{minus['diff']:+.3f} [{minus['ci'][0]:+.3f}, {minus['ci'][1]:+.3f}]"
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {_fmt_ci(r['em'], r['ci']['em'], 3)} | "
+            f"{_fmt_ci(r['tokens'], r['ci']['tokens'], 2)} | {r['total_tokens']:.0f} | {cell} |"
+        )
+    lines += [f"- {method}: left out, {reason}." for method, reason in stream["left_out"].items()]
+    curves = ", ".join(
+        f"{method} {'n/a (cheaper than its cheapest point)' if v is None else f'{v:.3f}'}"
+        for method, v in stream["curves_at_its_tokens"].items()
+    )
+    lines += ["", f"Each baseline curve's EM at the stream policy's mean tokens: {curves}."]
+    return lines
 
 
 def _probe_verdict(
@@ -687,6 +882,8 @@ def format_report(report: dict[str, Any]) -> str:
             )
         if "probe" in entry:
             lines.append(_probe_sentence(entry["probe"]))
+    if "stream" in report:
+        lines += ["", *format_stream_section(report["stream"])]
     lines += ["", "## Action mix at the default weight", "", "| family | tokenopt policy | oracle |", "|---|---|---|"]
     mix = report["action_mix"]
     for family in mix["tokenopt policy"]:
@@ -705,6 +902,7 @@ _COLORS = {
     "DEER-style": "tab:olive",
     "Adaptive-Consistency-style": "tab:purple",
     "RouteLLM-style": "tab:orange",
+    "CLEAR-style": "tab:brown",
     "tokenopt policy": "crimson",
     "tokenopt probe controller": "darkcyan",
 }
@@ -718,6 +916,8 @@ def _plots(
     probe_points: dict[float, OperatingPoint],
     replay: ReplayTable,
     default_weight: float,
+    conditioned_points: dict[float, OperatingPoint] | None = None,
+    stream_point: OperatingPoint | None = None,
 ) -> None:
     import matplotlib
 
@@ -745,6 +945,13 @@ def _plots(
         axis.plot([probe_points[w].tokens for w in weights], [probe_points[w].em for w in weights],
                   color=_COLORS[PROBE], lw=2, marker="P", markersize=10, zorder=6,
                   label="tokenopt probe controller (one per cost weight λ)")  # fmt: skip
+    if conditioned_points:
+        mine = [conditioned_points[w] for w in sorted(conditioned_points)]
+        axis.plot([p.tokens for p in mine], [p.em for p in mine], color="darkorange", lw=2, marker="o", markersize=8,
+                  ls="--", zorder=7, label="tokenopt price-conditioned policy (one for every λ)")  # fmt: skip
+    if stream_point is not None:
+        axis.scatter([stream_point.tokens], [stream_point.em], color="black", marker="D", s=60, zorder=7,
+                     label="tokenopt stream policy (its total budget)")  # fmt: skip
     oracle = report["oracle_sweep"]
     axis.plot([o["tokens"] for o in oracle], [o["em"] for o in oracle], color="black", marker="X", ls="--", lw=1,
               label="oracle (per cost weight)", zorder=5)  # fmt: skip

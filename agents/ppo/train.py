@@ -38,6 +38,14 @@ __all__ = ["TrainConfig", "TrainResult", "config_field_names", "train"]
 
 logger = logging.getLogger(__name__)
 
+PRICE_RANGE_MARGIN = 1.5
+"""With ``cost_weight_range``: training episodes draw lambda from ``[LOW / m, HIGH * m]``; validation, the export
+and the runtime keep ``[LOW, HIGH]``."""
+
+PRICE_STEPS_FACTOR = 3
+"""With ``cost_weight_range`` and no ``total_timesteps``: the YAML's ``n_timesteps`` times this, a cap (early
+stopping still ends the run when validation stops improving): one conditioned run replaces a sweep of runs."""
+
 
 @dataclass
 class TrainConfig(CostSettings):
@@ -201,7 +209,10 @@ def train(
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
             **{k: v for k, v in settings.env_kwargs.items() if k == "reward_baseline"},
-            "cost_weight_range": price_range,
+            # Episodes draw lambda a little beyond both ends, so the ends of the range are not the edge of training.
+            "cost_weight_range": None
+            if price_range is None
+            else (price_range[0] / PRICE_RANGE_MARGIN, price_range[1] * PRICE_RANGE_MARGIN),
         }
     elif config.em_floor is not None or config.token_target is not None:
         raise ValueError(f"--em-floor and --token-target apply to --env budget, not --env {config.env}")
@@ -213,7 +224,8 @@ def train(
                       "token_price": config.token_price,
                       **{k: v for k, v in settings.env_kwargs.items() if k == "escalate_mode"}}  # fmt: skip
         TokenBudgetProbeEnv(**env_kwargs)  # a bad escalate_mode fails here, with the environment's message
-    total = int(config.total_timesteps or settings.n_timesteps)
+    # One price-conditioned policy replaces a sweep of per-weight runs, and learns the decision at every price.
+    total = int(config.total_timesteps or settings.n_timesteps * (PRICE_STEPS_FACTOR if price_range else 1))
     # Built through the registered id (gymnasium.make), as a user's own script would.
     # render_mode None: the environments do not render (SB3 asks gymnasium.make for rgb_array otherwise).
     env_kwargs["render_mode"] = None

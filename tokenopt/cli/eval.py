@@ -13,20 +13,33 @@ __all__ = ["SCOREBOARD_OPTIONS", "eval_command"]
 
 SCOREBOARD_OPTIONS = ConfigOptions(
     "tokenopt.agents.evaluation.scoreboard:ScoreboardConfig",
-    fields=("policy", "table", "split", "out", "cost_weights", "total_timesteps", "seed", "sweep_dir", "probe_run"),
+    fields=(
+        "policy",
+        "table",
+        "split",
+        "out",
+        "cost_weights",
+        "total_timesteps",
+        "seed",
+        "sweep_dir",
+        "probe_run",
+        "conditioned",
+        "stream_run",
+        "stream_passes",
+    ),
     flags={
         "policy": Flag(argument=True, help="Run folder (with policy/) or exported policy folder."),
         "split": Flag(help="Split to report (baselines fit on train, chosen on val)."),
         "out": Flag(help="Folder for report.md, report.json, PNG plots and tb/."),
         "seed": Flag(help="Seed of the baselines' classifiers."),
     },
-    paths=("policy", "table", "out", "sweep_dir", "probe_run"),
+    paths=("policy", "table", "out", "sweep_dir", "probe_run", "conditioned", "stream_run"),
 )
 
 
 @config_options(settings=SCOREBOARD_OPTIONS)
 def eval_command(*, settings: dict[str, Any]) -> None:
-    """Score the policy against fixed budgets, TALE, Dynasor, DEER, Adaptive-Consistency, RouteLLM and the oracle."""
+    """Score the policy against fixed budgets, TALE, Dynasor, DEER, Adaptive-Consistency, RouteLLM, CLEAR, oracle."""
     from tokenopt.agents.evaluation.scoreboard import ScoreboardConfig, run_scoreboard
 
     try:
@@ -54,6 +67,10 @@ def eval_command(*, settings: dict[str, Any]) -> None:
             f"{bar['probe_weights_beating_rules']}; gap recovered at the default weight "
             f"{bar['probe_gap_recovered_at_default']:.2f}"
         )
+    if "stream" in report:
+        from tokenopt.agents.evaluation.scoreboard import format_stream_section
+
+        lines += ["", *format_stream_section(report["stream"])[2:]]
     typer.echo("\n".join([*lines, f"report: {Path(config.out) / 'report.md'}"]))
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")

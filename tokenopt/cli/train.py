@@ -73,9 +73,12 @@ FROM_LOG_OPTIONS = ConfigOptions(
     flags={
         "log": Flag(
             name="--from-log",
-            kind=Path | None,
+            kind=list[Path] | None,
             default=None,
-            help="Refine the --init-from policy off-policy on this decision log's feedback (no table).",
+            help="Refine the --init-from policy off-policy on this decision log's feedback (no table). Repeatable, "
+            "and folders or quoted glob patterns ('logs/*.sqlite') are read too: several replicas' logs are read "
+            "together, feedback joined across them.",
+            parse=lambda paths: [str(path) for path in paths or []],
         ),
         # None, not the field's default, so that giving them without --from-log is an error.
         "epochs": Flag(default=None),
@@ -231,6 +234,8 @@ def _train_from_log(settings: dict[str, Any], from_log: dict[str, Any], conflict
     except (ValueError, FileNotFoundError) as error:
         fail(error)
     (out / "command.txt").write_text(" ".join(["tokenopt", *sys.argv[1:]]) + "\n", encoding="utf-8")
+    for note in result.log_notes:
+        console.print(f"note: {note}")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -229,7 +229,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None, load_in_back
             response = await serving.feedback(feedback)
         except RequestError as error:
             return serving.error_response(error)
-        return JSONResponse(response.model_dump())
+        # 202: kept for a request another replica served, joined when the logs are read together.
+        return JSONResponse(response.model_dump(), status_code=202 if response.arm is None else 200)
 
     @app.get("/metrics")
     async def get_metrics(request: Request) -> Response:

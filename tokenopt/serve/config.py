@@ -47,6 +47,9 @@ class ServeConfig:
     """Decision log (SQLite, WAL)."""
     log_prompts: bool = False
     """Also store prompt texts in the log (off: features only)."""
+    keep_unmatched_feedback: bool = False
+    """Keep feedback for a request id this server did not log (answered 202), for the log readers to join: set it on
+    every replica behind a load balancer, where feedback may reach another replica than its request (off: 404)."""
     explore: float = 0.0
     """Share of requests served a uniformly random action (logged with its propensity), in [0, 1]."""
     seed: int = 0

@@ -558,10 +558,15 @@ class FeedbackRequest(BaseModel):
 
 
 class FeedbackResponse(BaseModel):
-    """The arm a feedback was attached to, and whether the answer was right."""
+    """The arm a feedback was attached to, and whether the answer was right.
+
+    Feedback kept for a request another replica served (answered 202) has no arm: the
+    log readers join it to its request; ``correct`` is then the client's, if it said.
+    """
 
     id: str
-    arm: str
+    arm: str | None
+    """None: kept for a request this server did not log."""
     correct: bool | None
 
 

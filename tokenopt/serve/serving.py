@@ -928,13 +928,24 @@ class OpenAIServing:
     async def feedback(self, request: FeedbackRequest) -> FeedbackResponse:
         """Attach a client's feedback to the logged request it is about.
 
+        With ``--keep-unmatched-feedback``, feedback for an id this server did not log is
+        kept in its log for the readers to join (another replica served the request).
+
         Raises:
-            RequestError: 404 when no logged request has the id.
+            RequestError: 404 when no logged request has the id and unmatched feedback is not kept.
         """
         assert self.state.log is not None
         attached = await asyncio.to_thread(self.state.log.attach_feedback, request.id, request.correct, request.gold)
+        if attached is None and self.state.config.keep_unmatched_feedback:
+            await asyncio.to_thread(self.state.log.keep_feedback, request.id, request.correct, request.gold)
+            return FeedbackResponse(id=request.id, arm=None, correct=request.correct)
         if attached is None:
-            raise RequestError(404, f"no logged request has id {request.id!r}", "id")
+            raise RequestError(
+                404,
+                f"no logged request has id {request.id!r} (behind a load balancer, start every replica with "
+                "--keep-unmatched-feedback)",
+                "id",
+            )
         arm_name, is_correct = attached
         self.state.metrics.record_feedback(arm_name, is_correct)
         return FeedbackResponse(id=request.id, arm=arm_name, correct=is_correct)
