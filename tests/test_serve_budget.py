@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,20 @@ def test_a_fixed_policy_logs_the_lambda_it_was_trained_at(tmp_path, demo_policy,
         _ask(url, QUESTIONS[:2])
         assert not re.search(r"^tokenopt_cost_weight\{", httpx.get(f"{url}/metrics").text, re.MULTILINE)
     assert list(read_decisions(config.log).cost_weight) == [trained, trained]
+
+
+def test_a_reload_keeps_lambda_and_refuses_a_fixed_policy(tmp_path, conditioned_policy, demo_policy, demo_lm):
+    served = tmp_path / "policy"
+    shutil.copytree(conditioned_policy, served)
+    config = _config(tmp_path, served, **OVERSPENT)
+    with running_server(config, LocalBackend(demo_lm)) as (url, _):
+        _ask(url, QUESTIONS[:10])
+        before = _gauges(url)['tokenopt_cost_weight{arm="A"}']
+        assert httpx.post(f"{url}/admin/reload").status_code == 200
+        assert _gauges(url)['tokenopt_cost_weight{arm="A"}'] == before  # the controller outlives the reload
+        shutil.rmtree(served)
+        shutil.copytree(demo_policy, served)
+        refused = httpx.post(f"{url}/admin/reload")
+        assert refused.status_code == 409 and "price-conditioned" in refused.json()["error"]["message"]
+        _ask(url, QUESTIONS[10:11])  # still served by the price-conditioned policy, at its lambda
+    assert read_decisions(config.log).cost_weight[-1] >= before
