@@ -268,7 +268,7 @@ def main() -> None:
         "budget_window": args.budget_window, "budget_interval": args.budget_interval, "budget_step": args.budget_step,
         "policy": str(args.policy), "table": str(args.table), "series": series, "lambda": lambdas,
         "phases": figures, "within_5_percent": within, "command": " ".join(sys.argv),
-        "default_cost_weight": policy.cost_weight, "requests": results,
+        "default_cost_weight": policy.cost_weight,
     }  # fmt: skip
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     plot(record, args.out.with_suffix(".png"))
