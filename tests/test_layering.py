@@ -25,6 +25,7 @@ NUMPY_ONLY = (
     "tokenopt.cost",
 )
 """What a server loads to decide: numpy and the standard library (and each other) only."""
+NUMPY_ONLY += ("tokenopt.serve.budget",)  # the spend controller: on every budgeted request's path
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,10 @@ class DecisionRecord:
     """The prompt text, only with ``--log-prompts``."""
     created: float = 0.0
     """Unix time the request was received."""
+    cost_weight: float | None = None
+    """The price lambda in force for the arm when the request was decided (the budget
+    controller's, a price-conditioned policy's default, or the one a fixed policy was
+    trained at; None where unknown, and in logs written before it was recorded)."""
     checkpoints: list[tuple[int, str, float, str]] = field(default_factory=list, repr=False)
     """A probe controller's checkpoints: (budget, probe answer, its log-probability,
     decision); written to the ``checkpoints`` table, not to the row."""
@@ -132,7 +136,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     created REAL NOT NULL,
     correct INTEGER,
     gold TEXT,
-    feedback_at REAL
+    feedback_at REAL,
+    cost_weight REAL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     request_id TEXT NOT NULL,
@@ -176,6 +181,9 @@ class DecisionLog:
             self._connection.executescript(_SCHEMA)
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{self.path} is not a tokenopt decision log (SQLite says: {error})") from None
+        columns = {str(row[1]) for row in self._connection.execute("PRAGMA table_info(decisions)")}
+        if "cost_weight" not in columns:  # a log written before lambda was recorded: add the column, keep the rows
+            self._connection.execute("ALTER TABLE decisions ADD COLUMN cost_weight REAL")
         version = self._meta("log_version")
         if version is None:
             self._set_meta("log_version", str(LOG_VERSION))
@@ -285,6 +293,8 @@ class LoggedDecisions:
     status: np.ndarray
     correct: np.ndarray
     """1.0 or 0.0 where feedback exists, NaN where it does not."""
+    cost_weight: np.ndarray
+    """The price lambda each row was decided at; NaN where none was recorded (older logs)."""
     arms: dict[str, dict[str, object]]
     """Per arm, the policy description stored by the server."""
     source: list[str] = field(default_factory=list)
@@ -377,7 +387,7 @@ _ROW_COLUMNS = (
     "id, arm, policy_id, bypass, action, action_index, budget, mode, propensity, features, billed_tokens, latency_ms, "
     "status, correct, answer, created, feedback_at"
 )
-"""The columns the readers use; a log's other columns (a newer server's) are left alone."""
+"""The columns the readers use (then ``cost_weight``, NULL in older logs); a newer server's others are left alone."""
 
 
 def _read_log(path: Path) -> tuple[dict[str, str], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -385,7 +395,9 @@ def _read_log(path: Path) -> tuple[dict[str, str], list[tuple[Any, ...]], list[t
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-        rows = connection.execute(f"SELECT {_ROW_COLUMNS} FROM decisions ORDER BY created, id").fetchall()
+        stored = {str(row[1]) for row in connection.execute("PRAGMA table_info(decisions)")}
+        price = "cost_weight" if "cost_weight" in stored else "NULL"  # a log written before lambda was recorded
+        rows = connection.execute(f"SELECT {_ROW_COLUMNS}, {price} FROM decisions ORDER BY created, id").fetchall()
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         kept = []
         if "feedback" in tables:  # a log written before replicas kept feedback has none
@@ -493,7 +505,7 @@ def read_decisions(path: str | Path | Sequence[str | Path]) -> LoggedDecisions:
             + ", ".join(f"{size} in {where}" for size, where in sorted(first_with.items()))
             + "; read together only logs of one feature spec"
         )
-    columns: list[tuple[Any, ...]] = list(zip(*(row for row, _ in ordered), strict=True)) if ordered else [()] * 17
+    columns: list[tuple[Any, ...]] = list(zip(*(row for row, _ in ordered), strict=True)) if ordered else [()] * 18
     return LoggedDecisions(
         id=[str(v) for v in columns[0]],
         arm=np.array(columns[1], dtype=object),
@@ -509,6 +521,7 @@ def read_decisions(path: str | Path | Sequence[str | Path]) -> LoggedDecisions:
         latency_ms=np.array(columns[11], dtype=np.float64),
         status=np.array(columns[12], dtype=np.int64),
         correct=np.array(correct_column, dtype=np.float64),
+        cost_weight=np.array([np.nan if v is None else float(v) for v in columns[17]], dtype=np.float64),
         arms=arms,
         source=[log for _, log in ordered],
         logs=[str(log) for log in logs],

@@ -50,9 +50,16 @@ def serve_command(*, settings: dict[str, Any]) -> None:
             model_source(config.model)  # a missing folder stops start-up; loading the model waits for /readyz
         # The policies are validated now; the model loads once the server listens, behind /readyz.
         application = create_app(config, load_in_background=True)
-    except (ValueError, FileNotFoundError, PolicyLoadError) as error:
+    except (ValueError, OSError, PolicyLoadError) as error:  # FileNotFoundError included
         fail(error)
     arms = ", ".join(f"{name}={arm.policy.policy_id}" for name, arm in application.state.tokenopt.arms.items())
+    budgets = {name: arm.controller for name, arm in application.state.tokenopt.arms.items() if arm.controller}
+    if budgets:
+        held = ", ".join(
+            f"{name}: {c.target.value:.6g} {c.target.unit} from cost weight {c.cost_weight:.4g}"
+            for name, c in budgets.items()
+        )
+        console.print(f"holding {held} (state {config.budget_state_path()})")
     console.print(
         f"serving {arms} on http://{config.host}:{config.port}/v1 (decision log {config.log}); "
         "SIGHUP reloads the policies"

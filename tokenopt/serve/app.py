@@ -73,7 +73,10 @@ def create_app(config: ServeConfig, backend: Backend | None = None, load_in_back
         PolicyLoadError: a policy fails its hash, version or shape checks.
     """
     state = ServerState(config=config, backend=backend)
-    state.arms = state.load_arms()
+    arms = state.load_arms()
+    state.attach_controllers(arms)
+    state.arms = arms
+    state.save_budget_state()  # a state path that cannot be written stops start-up, not a request later
     if state.backend is not None:
         state.attach(state.backend)  # again, now that the arms are known: their hidden-state needs are checked
     config = state.config = resolve_prompt_format(config, [arm.policy for arm in state.arms.values()])
@@ -118,6 +121,10 @@ def create_app(config: ServeConfig, backend: Backend | None = None, load_in_back
             state.ready = False
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
                 loop.remove_signal_handler(signal.SIGHUP)
+            try:
+                state.save_budget_state()
+            except OSError as error:
+                logger.error("could not save the budget state: %s", error)
             if state.engine is not None:
                 await state.engine.aclose()
             if state.log is not None:

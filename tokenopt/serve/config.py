@@ -9,6 +9,8 @@ from typing import Any
 
 from tokenopt.prompt import PromptFormat
 from tokenopt.runtime import BudgetPolicy
+from tokenopt.serve.budget import ControlSettings, SpendTarget
+from tokenopt.serve.budget import spend_target as parse_spend_target
 
 __all__ = ["LOOPBACK_HOSTS", "ServeConfig", "resolve_prompt_format"]
 
@@ -92,6 +94,47 @@ class ServeConfig:
     """torch CPU threads while serving; None leaves torch's setting. On a small CPU
     machine, fewer threads than cores leave room for the event loop: torch's
     spinning worker threads otherwise fight it for the cores."""
+    token_budget: str | None = None
+    """Billed tokens per unit of time to hold: N/s, N/min or N/h, k or M allowed (2M/h); needs a priced policy."""
+    target_mean_tokens: float | None = None
+    """Mean billed tokens per request to hold, instead of a rate; needs a price-conditioned policy."""
+    replicas: int = 1
+    """Servers sharing a --token-budget behind one load balancer: each holds 1/replicas of it."""
+    budget_state: Path | None = None
+    """File keeping each arm's cost weight across restarts; default: beside the decision log (NAME.budget.json)."""
+    budget_window: float = 60.0
+    """Seconds of billed tokens the spend is measured over (a sliding window)."""
+    budget_interval: float = 10.0
+    """Seconds between two updates of the cost weight."""
+    budget_step: float = 0.25
+    """Change of log(cost weight) per unit of relative overspend (spend / target - 1)."""
+    budget_clip: float = 0.1
+    """Largest change of log(cost weight) in one update."""
+    budget_min_requests: int = 20
+    """Requests the window must hold before an update."""
+
+    def spend_target(self) -> SpendTarget | None:
+        """This replica's target: a mean per request, or its 1/``replicas`` share of a rate (None without a budget).
+
+        Raises:
+            ValueError: both forms given, or a budget string that is not understood (the accepted forms are named).
+        """
+        target = parse_spend_target(self.token_budget, self.target_mean_tokens)
+        return None if target is None else target.share(1.0 / self.replicas)
+
+    def control_settings(self) -> ControlSettings:
+        """The spend controller's settings."""
+        return ControlSettings(
+            window=self.budget_window,
+            interval=self.budget_interval,
+            step=self.budget_step,
+            clip=self.budget_clip,
+            min_requests=self.budget_min_requests,
+        )
+
+    def budget_state_path(self) -> Path:
+        """Where the arms' cost weights are kept: ``budget_state``, else beside the decision log."""
+        return self.budget_state or self.log.with_name(f"{self.log.stem}.budget.json")
 
     def prompt_format(self) -> PromptFormat:
         """The prompt format these settings give (a field left None takes the plain format's default).
@@ -119,6 +162,7 @@ class ServeConfig:
             (1 <= self.port <= 65535 or self.port == 0, f"port must be in [1, 65535]; got {self.port}"),
             (not (self.model and self.upstream), "give --model or --upstream, not both"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1; got {self.threads}"),
+            (self.replicas >= 1, f"replicas must be >= 1; got {self.replicas}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -128,6 +172,9 @@ class ServeConfig:
                 f"refusing to bind {self.host} without an API key: set --api-key (or TOKENOPT_API_KEY), "
                 "or pass --insecure to serve an open endpoint"
             )
+        # A bad budget string or controller setting stops start-up here, with the accepted forms.
+        self.spend_target()
+        self.control_settings()
 
 
 _PROMPT_FLAGS = {

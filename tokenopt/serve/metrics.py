@@ -8,7 +8,11 @@ do not share counters. With several uvicorn workers, set ``PROMETHEUS_MULTIPROC_
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from tokenopt.serve.budget import SpendController
 
 __all__ = ["ServeMetrics"]
 
@@ -58,7 +62,60 @@ class ServeMetrics:
         )
         self.in_flight = Gauge("tokenopt_requests_in_flight", "Requests admitted and not yet answered.", registry=r)
         self.reloads = Counter("tokenopt_policy_reloads", "Policy reloads, by result.", ["result"], registry=r)
+        # Budget control (--token-budget / --target-mean-tokens): read from each arm's controller at scrape time.
+        self.cost_weight = Gauge(
+            "tokenopt_cost_weight",
+            "The price lambda the arm's policy decides at, set by its controller.",
+            ["arm"],
+            registry=r,
+        )
+        self.cost_weight_min = Gauge(
+            "tokenopt_cost_weight_min", "Lower bound of the arm's lambda (its policy's range).", ["arm"], registry=r
+        )
+        self.cost_weight_max = Gauge(
+            "tokenopt_cost_weight_max", "Upper bound of the arm's lambda (its policy's range).", ["arm"], registry=r
+        )
+        self.spend_rate = Gauge(
+            "tokenopt_spend_tokens_per_second",
+            "Billed tokens per second over the controller's window, by arm (--token-budget).",
+            ["arm"],
+            registry=r,
+        )
+        self.spend_rate_target = Gauge(
+            "tokenopt_spend_target_tokens_per_second",
+            "This replica's share of the token budget, by arm (--token-budget / --replicas).",
+            ["arm"],
+            registry=r,
+        )
+        self.spend_mean = Gauge(
+            "tokenopt_spend_tokens_per_request",
+            "Mean billed tokens per request over the controller's window, by arm (--target-mean-tokens).",
+            ["arm"],
+            registry=r,
+        )
+        self.spend_mean_target = Gauge(
+            "tokenopt_spend_target_tokens_per_request",
+            "The target mean billed tokens per request, by arm (--target-mean-tokens).",
+            ["arm"],
+            registry=r,
+        )
         self._feedback_counts: dict[str, list[int]] = {}
+
+    def watch_budget(self, arm: str, controller: SpendController) -> None:
+        """Expose an arm's controller: its lambda, bounds, measured spend and target (read at each scrape)."""
+        self.cost_weight.labels(arm=arm).set_function(lambda: controller.cost_weight)
+        self.cost_weight_min.labels(arm=arm).set_function(lambda: controller.bounds[0])
+        self.cost_weight_max.labels(arm=arm).set_function(lambda: controller.bounds[1])
+        rate = controller.target.kind == "rate"
+        spend, target = (self.spend_rate, self.spend_rate_target) if rate else (self.spend_mean, self.spend_mean_target)
+
+        def measured() -> float:
+            value = controller.measured()
+            # No window yet: a rate of nothing is 0; a mean of no requests is undefined.
+            return (0.0 if rate else math.nan) if value is None else value
+
+        spend.labels(arm=arm).set_function(measured)
+        target.labels(arm=arm).set_function(lambda: controller.target.value)
 
     def record_feedback(self, arm: str, correct: bool) -> None:
         """Count a feedback and update the arm's EM gauge."""

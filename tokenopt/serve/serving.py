@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tokenopt.cost import with_price
 from tokenopt.decisions import DecisionLog, DecisionRecord
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
 from tokenopt.serve.backends import BackendError, Generation, LocalBackend, UpstreamBackend, UpstreamError
+from tokenopt.serve.budget import SpendController, load_state, save_state
 from tokenopt.serve.config import ServeConfig, resolve_prompt_format
 from tokenopt.serve.engine import Backend, Engine, EngineInputError, as_engine
 from tokenopt.serve.metrics import ServeMetrics
@@ -88,6 +90,26 @@ class Arm:
     path: Path
     policy: BudgetPolicy
     rng: np.random.Generator
+    controller: SpendController | None = None
+    """The arm's spend controller when the server holds a budget (each arm has its own)."""
+
+    @property
+    def price(self) -> float | None:
+        """The lambda the policy decides at: the controller's, else a price-conditioned policy's default.
+
+        None for a policy trained for one lambda (it takes no price).
+        """
+        if self.controller is not None:
+            return self.controller.cost_weight
+        return self.policy.cost_weight
+
+    def logged_cost_weight(self, price: float | None) -> float | None:
+        """What the decision log records as the request's lambda: the price decided at, else the trained one."""
+        if price is not None:
+            return price
+        trained = self.policy.spec.get("metadata", {})
+        weight = trained.get("cost_weight") if isinstance(trained, dict) else None
+        return float(weight) if isinstance(weight, int | float) and not isinstance(weight, bool) else None
 
     def describe(self) -> dict[str, object]:
         """What a reader of the decision log needs to interpret this arm's rows."""
@@ -190,14 +212,72 @@ class ServerState:
         if self.config.policy_b is not None:
             paths["B"] = self.config.policy_b
         arms = {}
+        target = self.config.spend_target()
         for index, (name, path) in enumerate(paths.items()):
             policy = _load_policy(Path(path), upstream=bool(self.config.upstream))
+            if target is not None and policy.cost_weight_range is None:
+                given = (
+                    f"--token-budget {self.config.token_budget}"
+                    if target.kind == "rate"
+                    else (f"--target-mean-tokens {self.config.target_mean_tokens:g}")
+                )
+                raise PolicyLoadError(
+                    f"{path}: {given} needs a price-conditioned policy (one that decides at any cost weight), and "
+                    "this one was trained for one cost weight: train it with `tokenopt train --cost-weight-range "
+                    "LOW:HIGH`, or serve without a budget"
+                )
             arms[name] = Arm(name, Path(path), policy, np.random.default_rng([self.config.seed, index]))
         if len(arms) == 2:
             actions = [arm.describe()["actions"] for arm in arms.values()]
             if actions[0] != actions[1]:
                 logger.warning("arms A and B have different action tables; the A/B report compares them as served")
         return arms
+
+    def attach_controllers(self, arms: dict[str, Arm]) -> None:
+        """Give each arm its own spend controller, holding the arm's share of the target.
+
+        A rate is split between the arms by the share of users each is sent (A: 1 -
+        split, B: split); a mean per request holds for both. The starting lambda is the
+        arm's controller already running (a reload keeps it), else the one saved in the
+        state file, else the policy's default; it is clipped into the policy's range.
+
+        Raises:
+            PolicyLoadError: the state file cannot be read.
+        """
+        target = self.config.spend_target()
+        if target is None:
+            return
+        try:
+            saved = load_state(self.config.budget_state_path())
+        except ValueError as error:
+            raise PolicyLoadError(str(error)) from None
+        settings = self.config.control_settings()
+        for name, arm in arms.items():
+            assert arm.policy.cost_weight_range is not None and arm.policy.cost_weight is not None
+            running = self.arms.get(name)
+            if running is not None and running.controller is not None:
+                running.controller.set_bounds(arm.policy.cost_weight_range)
+                arm.controller = running.controller
+                continue
+            share = 1.0 if len(arms) == 1 else self.config.split if name == "B" else 1.0 - self.config.split
+            start = saved.get(name, arm.policy.cost_weight)
+            arm.controller = SpendController(
+                target.share(share) if share > 0 else target, arm.policy.cost_weight_range, start, settings
+            )
+            if name in saved:
+                logger.info("arm %s resumes at cost weight %.6g (%s)", name, start, self.config.budget_state_path())
+            self.metrics.watch_budget(name, arm.controller)
+
+    def save_budget_state(self) -> None:
+        """Write every arm's lambda to the state file (atomically); nothing without a budget.
+
+        Raises:
+            OSError: the file cannot be written.
+        """
+        controllers = {name: arm.controller for name, arm in self.arms.items() if arm.controller is not None}
+        if controllers:
+            policy_ids = {name: arm.policy.policy_id for name, arm in self.arms.items()}
+            save_state(self.config.budget_state_path(), controllers, policy_ids)
 
     def reload(self) -> dict[str, str]:
         """Swap in freshly loaded policies; requests in flight finish with the old ones."""
@@ -207,6 +287,7 @@ class ServerState:
                 _check_hidden_fits(arms, self.backend)
             # The served prompt format stays: a policy collected with another one is refused.
             resolve_prompt_format(self.config, [arm.policy for arm in arms.values()])
+            self.attach_controllers(arms)  # last: a running controller keeps its lambda, within the new range
         except ValueError as error:  # PolicyLoadError included
             self.metrics.reloads.labels(result="failed").inc()
             raise error if isinstance(error, PolicyLoadError) else PolicyLoadError(str(error)) from None
@@ -506,6 +587,11 @@ class OpenAIServing:
         metrics = self.state.metrics
         elapsed = time.perf_counter() - started
         record.latency_ms = elapsed * 1000.0
+        if arm.controller is not None and arm.controller.observe(generation.billed_tokens):
+            try:  # lambda moved: keep it across a restart
+                await asyncio.to_thread(self.state.save_budget_state)
+            except OSError as error:  # the request was served; a state file that cannot be written is not its fault
+                logger.error("could not save the budget state to %s: %s", self.config.budget_state_path(), error)
         if log:
             assert self.state.log is not None
             await asyncio.to_thread(self.state.log.append, record, record.checkpoints)
@@ -662,6 +748,7 @@ class OpenAIServing:
             assert policy.features.source is not None
             hidden = await self.engine.prompt_hidden(parsed.prompt, policy.features.source.layer)
         features = policy.features(parsed.prompt, hidden).astype(np.float32)
+        price = arm.price  # read once: the lambda decided at is the one logged
         seed = parsed.seed if parsed.seed is not None else int(_stable_fraction(request_id) * 2**31)
         record = DecisionRecord(
             id=request_id,
@@ -678,13 +765,14 @@ class OpenAIServing:
             user_key=hashlib.sha256(user_key.encode("utf-8")).hexdigest()[:16],
             prompt=parsed.raw_prompt if self.config.log_prompts else None,
             created=time.time(),
+            cost_weight=arm.logged_cost_weight(price),
         )
         holder["record"] = record
         if parsed.bypass:
             return await self._serve_plain(parsed, record, seed)
         if policy.probe is not None:
             return await self._serve_probe(parsed, arm, record, seed, tick)
-        decision = self._decide(parsed, arm, features)
+        decision = self._decide(parsed, arm, features, price)
         record.propensity = decision.propensity
         record.policy_ms = (time.perf_counter() - tick) * 1000.0
         self.state.metrics.policy_latency.labels(arm=arm.name).observe(record.policy_ms / 1000.0)
@@ -703,14 +791,19 @@ class OpenAIServing:
         _fill(record, generation)
         return generation, record
 
-    def _decide(self, parsed: ParsedRequest, arm: Arm, features: np.ndarray) -> _Decision:
+    def _decide(self, parsed: ParsedRequest, arm: Arm, features: np.ndarray, price: float | None) -> _Decision:
         """The policy's action (or, with ``explore``, a uniformly random one), its propensity, and its budget.
 
-        A client ``max_tokens`` below the action's budget plus the answer's room lowers
-        the budget and caps the answer so that the whole response fits in it.
+        A price-conditioned policy decides at ``price`` (the arm's current lambda), as
+        ``decide(prompt, cost_weight=price)`` does. A client ``max_tokens`` below the
+        action's budget plus the answer's room lowers the budget and caps the answer so
+        that the whole response fits in it.
         """
         policy, explore = arm.policy, self.config.explore
-        probabilities = policy.probabilities(features[None, :].astype(np.float64))[0]
+        observation = features.astype(np.float64)
+        if price is not None:
+            observation = with_price(observation, price)
+        probabilities = policy.probabilities(observation[None, :])[0]
         greedy_index = int(np.argmax(probabilities))
         index = greedy_index
         if explore > 0 and arm.rng.random() < explore:
