@@ -9,6 +9,22 @@ from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+TORCH_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+"""torch threads of each test process: the cores shared among pytest-xdist's workers. More would oversubscribe
+the cores, which slows torch many times over; subprocesses inherit the limit through OMP_NUM_THREADS."""
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, str(TORCH_THREADS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> int:
+    """Give torch :data:`TORCH_THREADS` threads for the session; the count, for tests that set their own."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    return TORCH_THREADS
+
+
 HEAVY_FIXTURES = {
     "demo_table",
     "demo_policy",

@@ -64,9 +64,9 @@ def test_embedded_lm_has_the_demo_properties(demo_table):
 
 
 @pytest.mark.slow
-def test_rebuild_with_a_short_schedule_keeps_the_main_properties(tmp_path, property_questions):
+def test_rebuild_with_a_short_schedule_keeps_the_main_properties(tmp_path, property_questions, torch_threads):
     model_dir = tmp_path / "lm"
-    summary = train_demo_lm(model_dir, DemoTrainConfig(steps=SHORT_STEPS))
+    summary = train_demo_lm(model_dir, DemoTrainConfig(steps=SHORT_STEPS, threads=torch_threads))
     assert summary["final_loss"] < 0.6
     out = tmp_path / "table"
     collect(CollectConfig(out=str(out), data=str(property_questions), model=str(model_dir), splits=["test"]))
