@@ -94,7 +94,7 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(seed_runs, questions
     out, _ = seed_runs
     ensemble = BudgetPolicy.load(out / "policy")
     singles = [BudgetPolicy.load(out / f"seed-{seed}" / "policy") for seed in (3, 4)]
-    assert json.loads((out / "policy" / "policy.json").read_text())["format_version"] == 2 == FORMAT_VERSION
+    assert json.loads((out / "policy" / "policy.json").read_text())["format_version"] == 2 <= FORMAT_VERSION
     assert len(ensemble.members) == 2
     # Each member keeps its own run's statistics, which differ between seeds.
     assert not np.allclose(singles[0].obs_mean, singles[1].obs_mean)
