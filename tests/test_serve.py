@@ -348,21 +348,19 @@ def test_greedy_streams_live_and_errors_before_the_first_token_keep_their_status
     policy = BudgetPolicy.load(demo_policy)
     question = next(q for q in QUESTIONS if policy.decide(q).action == "b32/greedy")
     whole = httpx.post(f"{url}/v1/completions", json={"prompt": question}).json()
-    pieces, in_flight_at_first = [], None
+    pieces = []
     with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": question, "stream": True}) as response:
         assert response.status_code == 200 and response.headers["x-tokenopt-decision"].startswith("arm=A")
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
-            piece = event["choices"][0]["text"]
-            if piece and in_flight_at_first is None:
-                metrics = httpx.get(f"{url}/metrics").text
-                in_flight_at_first = [m for m in metrics.splitlines() if m.startswith("tokenopt_requests_in_flight")]
-            pieces.append(piece)
+            pieces.append(event["choices"][0]["text"])
             final = event
     assert "".join(pieces) == whole["choices"][0]["text"]
     assert final["tokenopt"]["action"] == "b32/greedy" and final["choices"][0]["finish_reason"] == "stop"
-    assert in_flight_at_first == ["tokenopt_requests_in_flight 1.0"]  # still being served when the first piece came
+    # Token by token, not the whole answer in one event. (Whether the request is still in flight when the client reads
+    # the first piece is a race: a loaded client can read it after the server has sent everything.)
+    assert sum(1 for piece in pieces if piece) > 1
     refused = httpx.post(f"{url}/v1/completions", json={"prompt": question, "stream": True, "max_tokens": 1})
     assert refused.status_code == 422 and "max_tokens" in refused.json()["error"]["message"]
