@@ -80,11 +80,16 @@ def serve_processes(*arguments: Sequence[str], timeout: float = 180.0) -> Iterat
                 time.sleep(0.1)
         yield urls
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(*processes)
+
+
+def stop(*processes: subprocess.Popen[Any]) -> None:
+    """SIGTERM every process, then wait up to 30 s each before killing it."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import free_port, stop
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite
 
@@ -33,12 +33,6 @@ def _binary(name: str) -> str:
             pytest.fail(f"{reason}, and CI is set: CI must run these tests")
         pytest.skip(reason)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_the_rules_pass_promtool_check_and_their_unit_tests():
@@ -67,12 +61,7 @@ def _process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop(process)
 
 
 def _wait_until(check, what: str, process: subprocess.Popen[bytes], log: Path, seconds: float = 90.0):
@@ -89,7 +78,7 @@ def _wait_until(check, what: str, process: subprocess.Popen[bytes], log: Path, s
 
 def test_prometheus_scrapes_a_budgeted_server_and_records_the_rules(tmp_path, conditioned_policy):
     prometheus = _binary("prometheus")
-    server_port, prometheus_port = _free_port(), _free_port()
+    server_port, prometheus_port = free_port(), free_port()
     serve = [
         sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(conditioned_policy), "--port", str(server_port),
         "--log", str(tmp_path / "decisions.sqlite"), "--device", "cpu", "--token-budget", "36k/min", "--replicas", "3",

@@ -25,7 +25,7 @@ import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from serving import free_port, running_server
+from serving import free_port, running_server, stop
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 from tokenopt.runtime import BudgetPolicy
@@ -102,12 +102,7 @@ def test_readyz_answers_503_while_tokenopt_serve_loads_its_model(tmp_path, polic
         assert ready["policies"] == {"A": BudgetPolicy.load(policy).policy_id}
         assert 503 in answers[: answers.index(200)], "no 503 before the model was loaded"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 # -- 9. --explore EPS: logged propensities -------------------------------------------------------
