@@ -20,15 +20,18 @@ time, the mean spend against the target and EM against the gold answers; and it 
 the plot (OUT.png) and the raw series (OUT.json); the tables go to docs/results/budget_control.md by hand.
 
     python benchmarks/budget_control.py --policy POLICY --table TABLE \
-        [--rate 6] [--phase-seconds 120] [--settle-seconds 50] [--out docs/results/budget_control]
+        [--rate 12] [--phase-seconds 300] [--settle-seconds 120] [--out docs/results/budget_control]
 
-The controller runs with shortened settings (``--budget-window 12 --budget-interval 2
---budget-min-requests 10``: the defaults' 6 updates per window, five times faster) so
-that a phase fits in minutes (lambda moves at most by the clip, 0.1 in log, per update:
-crossing the demo policy's range takes 21 updates), and ``--budget-step 2``: the demo policy's spend moves little
-with lambda (about 20 % over its whole range, an elasticity near 0.1), so the default
-step (0.25, safe up to an elasticity of 2) would take many minutes to move lambda
-across the range; step x elasticity stays near 0.2, well within the stable region.
+The controller runs with the server's defaults compressed five times in time
+(``--budget-window 12 --budget-interval 2``: the defaults are 60 s and 10 s) so that a
+phase fits in minutes; the step (0.25), the clip (0.1 in log lambda per update) and the
+minimum count of requests in the window (20) are the server's defaults. The clip bounds
+how fast lambda can move: 0.05 per second here, so crossing a factor of e^3 in lambda
+takes a minute, which is why a phase settles for two minutes before it is scored.
+
+A window's spend varies with the questions it happens to hold, whatever the controller
+does: the script prints that noise floor, the spread of the fixed-lambda server's windows
+around its own phase mean, beside the share of windows within +-5% of the target.
 """
 
 from __future__ import annotations
@@ -135,18 +138,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", type=Path, required=True, help="a price-conditioned policy folder")
     parser.add_argument("--table", type=Path, required=True, help="its outcome table (questions.jsonl beside or in it)")
-    parser.add_argument("--rate", type=float, default=6.0, help="requests per second")
-    parser.add_argument("--phase-seconds", type=float, default=120.0)
-    parser.add_argument("--settle-seconds", type=float, default=50.0, help="left out of each phase's figures")
-    parser.add_argument("--report-seconds", type=float, default=20.0, help="reporting window")
+    parser.add_argument("--rate", type=float, default=12.0, help="requests per second")
+    parser.add_argument("--phase-seconds", type=float, default=300.0)
+    parser.add_argument("--settle-seconds", type=float, default=120.0, help="left out of each phase's figures")
+    parser.add_argument("--report-seconds", type=float, default=30.0, help="reporting window")
     parser.add_argument("--budget-window", type=float, default=12.0, help="the controller's window (s)")
     parser.add_argument("--budget-interval", type=float, default=2.0, help="the controller's update interval (s)")
-    parser.add_argument("--budget-step", type=float, default=2.0, help="the controller's step size")
-    parser.add_argument("--hard-shares", default="0.45,0.55", help="share of hard queries: easy phase, hard phase")
+    parser.add_argument("--budget-step", type=float, default=0.25, help="the controller's step size")
+    parser.add_argument("--budget-min-requests", type=int, default=20, help="the controller's minimum in a window")
+    parser.add_argument("--hard-shares", default="0.2,0.8", help="share of hard queries: easy phase, hard phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plan-only", action="store_true", help="print the mixes and the target, serve nothing")
     parser.add_argument("--out", type=Path, default=Path("docs/results/budget_control"))
     args = parser.parse_args()
+    if args.phase_seconds % args.report_seconds or args.settle_seconds % args.report_seconds:
+        parser.error(f"--phase-seconds ({args.phase_seconds:g}) and --settle-seconds ({args.settle_seconds:g}) "
+                     f"must be multiples of --report-seconds ({args.report_seconds:g})")  # fmt: skip
 
     policy = BudgetPolicy.load(args.policy)
     if policy.cost_weight_range is None or policy.cost_weight is None:
@@ -209,7 +216,7 @@ def main() -> None:
             folder.mkdir()
         budget = ["--token-budget", f"{target * 60:.0f}/min", "--budget-window", str(args.budget_window),
                   "--budget-interval", str(args.budget_interval), "--budget-step", str(args.budget_step),
-                  "--budget-min-requests", "10"]  # fmt: skip
+                  "--budget-min-requests", str(args.budget_min_requests)]  # fmt: skip
         with (
             server(args.policy, folders["budget"], budget) as budget_url,
             server(args.policy, folders["fixed"], []) as fixed_url,
@@ -256,18 +263,28 @@ def main() -> None:
             f"{row['fixed_spend']:+.1%} | {row['fixed_em']:.3f} |"
         )
     post = [k for k, a in enumerate(edges[:-1]) if a % args.phase_seconds >= args.settle_seconds]
+    per_window = round(args.phase_seconds / window)  # windows per phase
     within = {name: float(np.mean([abs(series[name][k] / target - 1) <= 0.05 for k in post])) for name in series}
     text = "\n".join(summary) + "\n\n" + "\n".join(lines)
     print(text)
     closing = f"budgeted {within['budget']:.0%}, fixed {within['fixed']:.0%}"
     print(f"{window:g}-second windows after settling within +-5% of the target: {closing}")
+    # the traffic's own noise at this window size: the fixed server's windows around its phase mean
+    spread = [
+        series["fixed"][k] / np.mean([series["fixed"][j] for j in post if j // per_window == k // per_window]) - 1
+        for k in post
+    ]
+    noise = float(np.std(spread))
+    print(f"noise floor: the fixed-lambda server's {window:g}-second windows vary around their phase mean by "
+          f"{noise:.1%} (standard deviation)")  # fmt: skip
 
     record = {
         "target_tokens_per_second": target, "rate": args.rate, "phase_seconds": args.phase_seconds,
         "settle_seconds": args.settle_seconds, "report_seconds": window, "hard_shares": args.hard_shares,
         "budget_window": args.budget_window, "budget_interval": args.budget_interval, "budget_step": args.budget_step,
+        "budget_min_requests": args.budget_min_requests,
         "policy": str(args.policy), "table": str(args.table), "series": series, "lambda": lambdas,
-        "phases": figures, "within_5_percent": within, "command": " ".join(sys.argv),
+        "phases": figures, "within_5_percent": within, "noise_floor": noise, "command": " ".join(sys.argv),
         "default_cost_weight": policy.cost_weight,
     }  # fmt: skip
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
