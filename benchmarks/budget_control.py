@@ -102,7 +102,9 @@ async def replay(
     """Send request i at i / rate seconds to every server; collect (sent at, billed tokens, correct)."""
     results: dict[str, list[tuple[float, float, bool]]] = {name: [] for name in urls}
     lambdas: list[tuple[float, float]] = []
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s): reusing one the server
+    # is closing at that moment fails the request with a read error.
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256, keepalive_expiry=1.0)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         start = time.perf_counter()
 
