@@ -2,7 +2,7 @@
 # Regenerates docs/scoreboard/: tokenopt against the published methods and the oracle
 # on the embedded demo's test split, with one price-conditioned policy for the whole
 # sweep beside the per-weight policies. One command: bash docs/scoreboard.sh
-# (about 15 minutes on 2 cores: the demo table is reused when runs/demo/table exists).
+# (about 6 minutes on 2 cores when runs/demo/table exists: the demo table is reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tokenopt demo --out runs/demo
