@@ -53,7 +53,13 @@ import numpy as np
 
 from tokenopt.runtime import BudgetPolicy
 from tokenopt.scoring import exact_match
+from tokenopt.serve.budget import ControlSettings
 from tokenopt.table.reader import OutcomeMatrix
+
+SERVER = ControlSettings()
+"""The server's controller defaults; the benchmark keeps step, clip and min_requests and compresses time."""
+TIME_COMPRESSION = 5.0
+"""The benchmark's window and interval are the server's defaults divided by this, so that a phase fits in minutes."""
 
 
 def free_port() -> int:
@@ -144,10 +150,13 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=300.0)
     parser.add_argument("--settle-seconds", type=float, default=120.0, help="left out of each phase's figures")
     parser.add_argument("--report-seconds", type=float, default=30.0, help="reporting window")
-    parser.add_argument("--budget-window", type=float, default=12.0, help="the controller's window (s)")
-    parser.add_argument("--budget-interval", type=float, default=2.0, help="the controller's update interval (s)")
-    parser.add_argument("--budget-step", type=float, default=0.25, help="the controller's step size")
-    parser.add_argument("--budget-min-requests", type=int, default=20, help="the controller's minimum in a window")
+    parser.add_argument("--budget-window", type=float, default=SERVER.window / TIME_COMPRESSION,
+                        help="the controller's window (s)")  # fmt: skip
+    parser.add_argument("--budget-interval", type=float, default=SERVER.interval / TIME_COMPRESSION,
+                        help="the controller's update interval (s)")  # fmt: skip
+    parser.add_argument("--budget-step", type=float, default=SERVER.step, help="the controller's step size")
+    parser.add_argument("--budget-min-requests", type=int, default=SERVER.min_requests,
+                        help="the controller's minimum in a window")  # fmt: skip
     parser.add_argument("--hard-shares", default="0.2,0.8", help="share of hard queries: easy phase, hard phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plan-only", action="store_true", help="print the mixes and the target, serve nothing")
@@ -272,11 +281,10 @@ def main() -> None:
     closing = f"budgeted {within['budget']:.0%}, fixed {within['fixed']:.0%}"
     print(f"{window:g}-second windows after settling within +-5% of the target: {closing}")
     # the traffic's own noise at this window size: the fixed server's windows around its phase mean
-    spread = [
-        series["fixed"][k] / np.mean([series["fixed"][j] for j in post if j // per_window == k // per_window]) - 1
-        for k in post
-    ]
-    noise = float(np.std(spread))
+    fixed = np.array(series["fixed"])[post]
+    phase_of = np.array(post) // per_window
+    phase_mean = {p: fixed[phase_of == p].mean() for p in set(phase_of)}
+    noise = float(np.std([value / phase_mean[p] - 1 for value, p in zip(fixed, phase_of, strict=True)]))
     print(f"noise floor: the fixed-lambda server's {window:g}-second windows vary around their phase mean by "
           f"{noise:.1%} (standard deviation)")  # fmt: skip
 
