@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tokenopt.demo.suite import SuiteConfig, generate_suite, write_jsonl
 
@@ -58,6 +60,28 @@ def demo_lm():
     return TransformersLM(device="cpu")
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test run, shared by pytest-xdist's workers.
+
+    Under xdist the first worker to ask builds it under the run's common temporary folder,
+    holding a file lock, and the others wait for it and reuse it; the session fixtures
+    of :data:`HEAVY_FIXTURES` are then collected or trained once per run rather than once
+    per worker. Without xdist it is a fresh temporary folder.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(str(folder) + ".lock"):
+        done = folder / ".built"
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An outcome table of 1,500 demo queries (all splits), collected with the embedded LM.
@@ -70,11 +94,13 @@ def demo_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     if os.environ.get("TOKENOPT_TEST_TABLE"):
         return Path(os.environ["TOKENOPT_TEST_TABLE"])
-    root = tmp_path_factory.mktemp("demo_table")
-    questions = root / "questions.jsonl"
-    write_jsonl(generate_suite(SuiteConfig(n_queries=1500, seed=5)), questions)
-    collect(CollectConfig(out=str(root / "table"), data=str(questions)))
-    return root / "table"
+
+    def build(root: Path) -> None:
+        questions = root / "questions.jsonl"
+        write_jsonl(generate_suite(SuiteConfig(n_queries=1500, seed=5)), questions)
+        collect(CollectConfig(out=str(root / "table"), data=str(questions)))
+
+    return built_once(tmp_path_factory, "demo_table", build) / "table"
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +109,11 @@ def demo_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Path) -> P
     from tokenopt.agents.export import export_run
     from tokenopt.agents.ppo.train import TrainConfig, train
 
-    run = tmp_path_factory.mktemp("serve_policy") / "run"
-    train(TrainConfig(table=str(demo_table), out=str(run), total_timesteps=12_288, eval_freq=4096, seed=0))
-    return export_run(run)
+    def build(root: Path) -> None:
+        train(TrainConfig(table=str(demo_table), out=str(root / "run"), total_timesteps=12_288, eval_freq=4096, seed=0))
+        export_run(root / "run")
+
+    return built_once(tmp_path_factory, "serve_policy", build) / "run" / "policy"
 
 
 @pytest.fixture(scope="session")
@@ -94,13 +122,15 @@ def conditioned_policy(tmp_path_factory: pytest.TempPathFactory, demo_table: Pat
     from tokenopt.agents.export import export_run
     from tokenopt.agents.ppo.train import TrainConfig, train
 
-    run = tmp_path_factory.mktemp("conditioned_policy") / "run"
-    config = TrainConfig(
-        table=str(demo_table), out=str(run), total_timesteps=24_576, eval_freq=8192, seed=0,
-        cost_weight_range="0.003:0.05",
-    )  # fmt: skip
-    train(config)
-    return export_run(run)
+    def build(root: Path) -> None:
+        config = TrainConfig(
+            table=str(demo_table), out=str(root / "run"), total_timesteps=24_576, eval_freq=8192, seed=0,
+            cost_weight_range="0.003:0.05",
+        )  # fmt: skip
+        train(config)
+        export_run(root / "run")
+
+    return built_once(tmp_path_factory, "conditioned_policy", build) / "run" / "policy"
 
 
 @pytest.fixture(scope="session")
