@@ -25,7 +25,6 @@ import difflib
 import hashlib
 import math
 import string
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -121,10 +120,10 @@ class PromptFeatures:
 
     Vectorised: one count of the text's code points (numpy over its bytes), the
     character classes and the per-character counts read from that count through
-    lookup tables, and one ``str.split`` pass for the words, counted in C
-    (``collections.Counter``). Only the distinct code points outside ASCII (few, in
-    most prompts) and the hashing of each distinct word n-gram stay in Python; an
-    n-gram's bucket is cached, since prompts share most of their words.
+    lookup tables, and one ``str.split`` pass for the words, whose n-grams' buckets are
+    read from a cache in C (``map``) and counted by ``np.bincount``. Only the distinct
+    code points outside ASCII (few, in most prompts) and the hashing of n-grams the cache
+    has not seen stay in Python; prompts share most of their words.
 
     Args:
         spec: the extractor's settings.
@@ -195,13 +194,15 @@ class PromptFeatures:
         vector[1] = math.log1p(len(words))
         vector[2:7] /= max(1, length)
         if self.spec.hash_buckets and words:
-            buckets = [0] * self.spec.hash_buckets
-            bucket = self._bucket
-            # Counted in C first, so Python sees each distinct word and bigram once.
-            for grams in (Counter(words), Counter(zip(words, words[1:], strict=False))):
-                for gram, count in grams.items():
-                    buckets[bucket(gram)] += count
-            vector[self._other + 1 :] = buckets
+            # Every word and bigram looked up in the bucket cache in C (map), counted by bincount;
+            # Python hashes only the n-grams the cache has not seen.
+            cached = self._buckets.get
+            buckets = list(map(cached, words))
+            buckets += map(cached, zip(words, words[1:], strict=False))
+            if None in buckets:
+                grams = [*words, *zip(words, words[1:], strict=False)]
+                buckets = [self._bucket(gram) if b is None else b for gram, b in zip(grams, buckets, strict=True)]
+            vector[self._other + 1 :] = np.bincount(buckets, minlength=self.spec.hash_buckets)
         return vector.astype(np.float32)
 
     def batch(self, texts: list[str]) -> np.ndarray:
