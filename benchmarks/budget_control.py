@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,16 +55,13 @@ from tokenopt.scoring import exact_match
 from tokenopt.serve.budget import ControlSettings
 from tokenopt.table.reader import OutcomeMatrix
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serving import free_port  # noqa: E402  (one home for the loopback helpers: tests/serving.py)
+
 SERVER = ControlSettings()
 """The server's controller defaults; the benchmark keeps step, clip and min_requests and compresses time."""
 TIME_COMPRESSION = 5.0
 """The benchmark's window and interval are the server's defaults divided by this, so that a phase fits in minutes."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

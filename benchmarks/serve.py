@@ -19,7 +19,6 @@ import hashlib
 import json
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +32,9 @@ import numpy as np
 from tokenopt.demo.suite import SuiteConfig, generate_suite
 from tokenopt.scoring import exact_match
 from tokenopt.serve import read_decisions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serving import free_port  # noqa: E402  (one home for the loopback helpers: tests/serving.py)
 
 
 def fixed_policy(policy: Path, out: Path) -> str:
@@ -55,12 +57,6 @@ def fixed_policy(policy: Path, out: Path) -> str:
     spec["policy_id"] = f"fixed-{target['name']}"
     (out / "policy.json").write_text(json.dumps(spec, indent=2))
     return str(target["name"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def drive(url: str, items: list[dict], concurrency: int) -> list[tuple[float, dict]]:

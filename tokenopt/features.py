@@ -27,6 +27,7 @@ import math
 import string
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 
@@ -197,12 +198,12 @@ class PromptFeatures:
             # Every word and bigram looked up in the bucket cache in C (map), counted by bincount;
             # Python hashes only the n-grams the cache has not seen.
             cached = self._buckets.get
-            buckets = list(map(cached, words))
-            buckets += map(cached, zip(words, words[1:], strict=False))
-            if None in buckets:
-                grams = [*words, *zip(words, words[1:], strict=False)]
-                buckets = [self._bucket(gram) if b is None else b for gram, b in zip(grams, buckets, strict=True)]
-            vector[self._other + 1 :] = np.bincount(buckets, minlength=self.spec.hash_buckets)
+            found: list[int | None] = list(map(cached, words))
+            found += map(cached, zip(words, words[1:], strict=False))
+            if None in found:
+                grams: list[str | tuple[str, str]] = [*words, *zip(words, words[1:], strict=False)]
+                found = [self._bucket(gram) if b is None else b for gram, b in zip(grams, found, strict=True)]
+            vector[self._other + 1 :] = np.bincount(cast(list[int], found), minlength=self.spec.hash_buckets)
         return vector.astype(np.float32)
 
     def batch(self, texts: list[str]) -> np.ndarray:
