@@ -17,6 +17,7 @@ from tokenopt.agents.common.statistics import (
     bootstrap_intervals,
     paired_bootstrap_lower_bound,
     paired_bootstrap_means,
+    seed_and_query_bootstrap,
 )
 from tokenopt.agents.evaluation.gate import GateConfig, run_gate
 from tokenopt.agents.evaluation.no_harm import (
@@ -73,6 +74,24 @@ def test_bootstrap_intervals_cover_the_mean_and_narrow_with_more_queries():
         bootstrap_intervals({"a": small, "b": large})
     with pytest.raises(ValueError, match="confidence"):
         bootstrap_intervals({"a": small}, confidence=1.5)
+
+
+def test_the_seed_and_query_bootstrap_widens_with_the_seeds_luck_and_keeps_queries_paired():
+    rng = np.random.default_rng(2)
+    queries = rng.normal(0.5, 1.0, size=400)  # what every seed shares: each query's difficulty
+    calm = np.stack([queries + rng.normal(0, 0.01, 400) for _ in range(3)])
+    lucky = np.stack([queries + shift for shift in (-0.1, 0.0, 0.1)])  # each seed lucky or not on every query
+    over_queries = bootstrap_intervals({"d": lucky.mean(axis=0) - calm.mean(axis=0)})["d"]
+    both = seed_and_query_bootstrap(lucky, calm, seed=0)
+    assert both.value == pytest.approx(lucky.mean() - calm.mean())
+    # the queries are paired (their shared difficulty cancels), so without seed luck the interval is tiny ...
+    assert seed_and_query_bootstrap(calm[:2], calm[1:], seed=0).half_width < 0.01
+    # ... and the seeds' luck, which a bootstrap of the per-query mean cannot see, widens it many times
+    assert over_queries.half_width < 0.005 and both.half_width > 5 * over_queries.half_width
+    assert both.low < both.value < both.high
+    assert seed_and_query_bootstrap(lucky, calm, seed=0) == both
+    with pytest.raises(ValueError, match="same queries"):
+        seed_and_query_bootstrap(lucky, calm[:, :10])
 
 
 def _matrix(exact_match: np.ndarray, billed: np.ndarray) -> OutcomeMatrix:
