@@ -72,11 +72,39 @@ def test_shaping_subtracts_the_per_query_baseline_and_keeps_the_unshaped_reward(
         check_env(shaped, skip_render_check=True)
 
 
+def test_spread_scaling_divides_each_price_by_its_own_spread_and_keeps_every_best_action():
+    matrix = _matrix()
+    train_rewards = {w: matrix.subset("train").rewards(CostModel(w)) for w in (0.005, 0.3)}
+    spread = {w: float(r.std(axis=1).mean()) for w, r in train_rewards.items()}
+    # The spread grows with the price: without scaling, the high prices' advantages would dominate a batch.
+    assert spread[0.3] > 1.5 * spread[0.005]
+    scaled = TokenBudgetEnv(
+        source=TableSource(matrix, "train"), cost_weight_range=(0.005, 0.3), reward_scale="spread"
+    )  # fmt: skip
+    for w in (0.005, 0.3):
+        training_rewards = []
+        for action in range(len(ACTIONS)):
+            _, info = scaled.reset(options={"query_index": 5, "cost_weight": w})
+            _, reward, _, _, step_info = scaled.step(action)
+            assert step_info["unshaped_reward"] == pytest.approx(train_rewards[w][5, action])
+            assert reward == pytest.approx(train_rewards[w][5, action] / spread[w])
+            training_rewards.append(reward)
+        # s depends on lambda alone: at each price the query's best action is the unscaled one.
+        assert int(np.argmax(training_rewards)) == int(np.argmax(train_rewards[w][5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(scaled, skip_render_check=True)
+
+
 def test_shaping_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="unknown reward_baseline 'median'"):
         TokenBudgetEnv(source=TableSource(_matrix(), "train"), reward_baseline="median")
     with pytest.raises(ValueError, match="reward_baseline applies to --env budget"):
         train(TrainConfig(table="no-such-table", env="stream", hyperparams={"reward_baseline": "mean"}))
+    with pytest.raises(ValueError, match="unknown reward_scale 'std': expected one of none, spread"):
+        TokenBudgetEnv(source=TableSource(_matrix(), "train"), reward_scale="std")
+    with pytest.raises(ValueError, match="reward_scale applies to --env budget"):
+        train(TrainConfig(table="no-such-table", env="probe", hyperparams={"reward_scale": "spread"}))
     with pytest.raises(ValueError, match="pretrain_objective must be cross_entropy or expected_reward"):
         train(TrainConfig(table="no-such-table", hyperparams={"pretrain_epochs": 5, "pretrain_objective": "kl"}))
     with pytest.raises(ValueError, match="pretrain_temperature must be > 0"):

@@ -54,10 +54,10 @@ RUN_KEYS = {
 }  # fmt: skip
 """Keys that set up the run around PPO (``pretrain_*``: the actor's warm start by classification on the
 table, :func:`tokenopt.agents.ppo.warm_start.pretrain_actor`; ``--env budget`` only)."""
-ENV_KEYS = {"escalate_mode", "reward_baseline"}
+ENV_KEYS = {"escalate_mode", "reward_baseline", "reward_scale"}
 """Environment arguments accepted beside the hyperparameters, as RL Zoo's ``env_kwargs``:
 ``escalate_mode`` (``--env probe`` only) gives TokenBudgetProbe-v0 its escalate action;
-``reward_baseline`` (``--env budget`` only) shapes TokenBudget-v0's training reward."""
+``reward_baseline`` and ``reward_scale`` (``--env budget`` only) shape TokenBudget-v0's training reward."""
 
 
 def activation_name(module: torch.nn.Module) -> str | None:

@@ -163,7 +163,7 @@ def train(
         raise ValueError(f"escalate_mode applies to --env probe, not --env {config.env}")
     if escalate_mode is not None and not isinstance(escalate_mode, str):
         raise ValueError(f"escalate_mode must be a mode name such as beam3; got {escalate_mode!r}")
-    for key in ("reward_baseline", "pretrain_epochs"):
+    for key in ("reward_baseline", "reward_scale", "pretrain_epochs"):
         if hyperparams.get(key) not in (None, 0, "none") and config.env != "budget":
             raise ValueError(f"{key} applies to --env budget, not --env {config.env}; set it to its default there")
     settings = split_hyperparams(hyperparams)  # bad values fail here, before any work
@@ -210,7 +210,8 @@ def train(
             "cost_weight": config.cost_weight,
             "token_price": config.token_price,
             "prompt_token_price": config.prompt_token_price,
-            **{k: v for k, v in settings.env_kwargs.items() if k == "reward_baseline"},
+            "reward_baseline": settings.env_kwargs.get("reward_baseline"),
+            "reward_scale": settings.env_kwargs.get("reward_scale"),
             # Episodes draw lambda a little beyond both ends, so the ends of the range are not the edge of training.
             "cost_weight_range": None
             if price_range is None
