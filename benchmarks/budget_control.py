@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from tokenopt.serve.budget import ControlSettings
 from tokenopt.table.reader import OutcomeMatrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serving import free_port  # noqa: E402  (one home for the loopback helpers: tests/serving.py)
+from serving import serve_processes  # noqa: E402  (one home for the loopback helpers: tests/serving.py)
 
 SERVER = ControlSettings()
 """The server's controller defaults; the benchmark keeps step, clip and min_requests and compresses time."""
@@ -66,28 +65,11 @@ TIME_COMPRESSION = 5.0
 
 @contextlib.contextmanager
 def server(policy: Path, folder: Path, extra: list[str]) -> Iterator[str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(policy), "--port", str(port),
-        "--log", str(folder / "decisions.sqlite"), "--device", "cpu", "--threads", "1", *extra,
-    ]  # fmt: skip
-    log = (folder / "serve.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {(folder / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    """A ``tokenopt serve`` process of ``policy`` logging to ``folder``; yields its base URL."""
+    arguments = ["--policy", str(policy), "--log", str(folder / "decisions.sqlite"), "--device", "cpu",
+                 "--threads", "1", *extra]  # fmt: skip
+    with serve_processes(arguments, timeout=120, log_dir=folder) as (url,):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def table_spend(policy: BudgetPolicy, matrix: OutcomeMatrix, questions: dict[str, str], rows: np.ndarray,

@@ -18,9 +18,7 @@ import asyncio
 import hashlib
 import json
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from tokenopt.scoring import exact_match
 from tokenopt.serve import read_decisions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serving import free_port  # noqa: E402  (one home for the loopback helpers: tests/serving.py)
+from serving import serve_processes  # noqa: E402  (one home for the loopback helpers: tests/serving.py)
 
 
 def fixed_policy(policy: Path, out: Path) -> str:
@@ -75,25 +73,16 @@ async def drive(url: str, items: list[dict], concurrency: int) -> list[tuple[flo
 
 
 def measure(policy: Path, items: list[dict], concurrency: int, threads: int, work: Path) -> dict[str, float]:
-    port, log = free_port(), work / f"{policy.name}.sqlite"
-    command = [sys.executable, "-m", "tokenopt.cli", "serve", "--policy", str(policy), "--port", str(port)]
-    command += ["--log", str(log), "--device", "cpu", "--threads", str(threads), "--max-queue", str(len(items))]
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    log = work / f"{policy.name}.sqlite"
+    arguments = ["--policy", str(policy), "--log", str(log), "--device", "cpu", "--threads", str(threads),
+                 "--max-queue", str(len(items))]  # fmt: skip
+    folder = work / f"{policy.name}-output"
+    folder.mkdir(exist_ok=True)
+    with serve_processes(arguments, log_dir=folder) as (url,):
         asyncio.run(drive(url, items[:concurrency], concurrency))  # warm-up
         started = time.perf_counter()
         results = asyncio.run(drive(url, items, concurrency))
         wall = time.perf_counter() - started
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
     latencies = np.array([latency for latency, _ in results]) * 1000.0
     tokens = np.array([body["usage"]["completion_tokens"] for _, body in results], dtype=float)
     answers = [body["tokenopt"]["answer"] for _, body in results]

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,26 +47,49 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_processes(*arguments: Sequence[str], timeout: float = 180.0) -> Iterator[list[str]]:
+def serve_processes(
+    *arguments: Sequence[str], timeout: float = 180.0, log_dir: Path | None = None
+) -> Iterator[list[str]]:
     """Run one ``tokenopt serve ARGUMENTS`` per argument list, each on 127.0.0.1 at a free port; yield their base URLs.
 
     The processes start together and are yielded once each ``/readyz`` says 200; they are
-    stopped with SIGTERM (then killed) on exit. One that dies before it is ready fails
-    with its stderr.
+    stopped with SIGTERM (then killed) on exit. One that dies before it is ready, or is
+    not ready within ``timeout`` seconds, fails with the end of its output. With
+    ``log_dir`` process ``i`` writes its output to ``log_dir/serve-<i>.log`` (for long
+    runs: a pipe nobody reads would fill and stall the server); without it, stderr is
+    kept in a pipe for that message.
     """
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     processes: list[subprocess.Popen[str]] = []
     urls: list[str] = []
+    logs: list[Path | None] = []
+
+    def output(index: int) -> str:
+        log = logs[index]
+        if log is not None:
+            return log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        stderr = processes[index].stderr
+        return stderr.read() if stderr is not None and processes[index].poll() is not None else ""
+
     try:
-        for given in arguments:
+        for index, given in enumerate(arguments):
             port = free_port()
             command = [sys.executable, "-m", "tokenopt.cli", "serve", *given, "--port", str(port)]
-            processes.append(
-                subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            )
+            log = None if log_dir is None else log_dir / f"serve-{index}.log"
+            logs.append(log)
+            if log is None:
+                process = subprocess.Popen(
+                    command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+            else:
+                with log.open("w", encoding="utf-8") as sink:  # the child keeps its own descriptor
+                    process = subprocess.Popen(
+                        command, env=environment, stdout=sink, stderr=subprocess.STDOUT, text=True
+                    )
+            processes.append(process)
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + timeout
-        for process, url in zip(processes, urls, strict=True):
+        for index, (process, url) in enumerate(zip(processes, urls, strict=True)):
             while True:
                 try:
                     if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
@@ -73,10 +97,9 @@ def serve_processes(*arguments: Sequence[str], timeout: float = 180.0) -> Iterat
                 except httpx.TransportError:
                     pass
                 if process.poll() is not None:
-                    stderr = process.stderr.read() if process.stderr else ""
-                    raise RuntimeError(f"tokenopt serve exited with {process.returncode}: {stderr}")
+                    raise RuntimeError(f"tokenopt serve exited with {process.returncode}: {output(index)}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"tokenopt serve was not ready within {timeout:.0f} s")
+                    raise RuntimeError(f"tokenopt serve was not ready within {timeout:.0f} s: {output(index)}")
                 time.sleep(0.1)
         yield urls
     finally:
