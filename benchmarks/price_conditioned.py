@@ -9,7 +9,9 @@ the question text, as a server would; the conditioned one at each weight of the 
 the conditioned policy's reward minus the per-weight policy's with a 95% paired-bootstrap
 interval over the test queries (the seeds' per-query mean when several are given), and
 with several seeds a second interval that also resamples each method's seeds (what one
-training run's luck adds, which the first leaves out).
+training run's luck adds, which the first leaves out). With several seeds a second table
+gives the yardstick: the per-weight policies of the later half of the seeds minus those
+of the earlier half, how far two sets of seeds of one method land apart.
 
     python benchmarks/price_conditioned.py --table demo=runs/suites/demo/table \\
         --weights 0.005,0.01,0.02,0.04 --seeds 0 --out runs/suites
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suites import CELL_FILE, run_cell, train_cell  # noqa: E402  (the sibling runner's cells)
 from tokenopt.agents.common.evaluation import policy_choices, query_questions  # noqa: E402
-from tokenopt.agents.common.statistics import seed_and_query_bootstrap  # noqa: E402
+from tokenopt.agents.common.statistics import bootstrap_intervals, seed_and_query_bootstrap  # noqa: E402
 from tokenopt.agents.evaluation.no_harm import split_figures  # noqa: E402
 from tokenopt.cost import CostModel  # noqa: E402
 from tokenopt.runtime import BudgetPolicy  # noqa: E402
@@ -109,7 +111,16 @@ def compare(
         return np.stack([cost_model.reward(test.exact_match[rows, c], test.billed_tokens[rows, c], test.prompt_tokens)
                          for c in np.array(columns, dtype=np.int64)])  # fmt: skip
 
-    seeds = seed_and_query_bootstrap(per_seed_rewards(conditioned), per_seed_rewards(per_weight))
+    single_rewards = per_seed_rewards(per_weight)
+    seeds = seed_and_query_bootstrap(per_seed_rewards(conditioned), single_rewards)
+    # The yardstick: the per-weight method against itself, its later seeds minus its earlier ones.
+    half = len(single_rewards) // 2
+    halves = None
+    if half:
+        later, earlier = single_rewards[len(single_rewards) - half :], single_rewards[:half]
+        over_queries = bootstrap_intervals({"d": later.mean(axis=0) - earlier.mean(axis=0)})["d"]
+        over_seeds = seed_and_query_bootstrap(later, earlier)
+        halves = [over_queries.value, over_queries.low, over_queries.high, over_seeds.low, over_seeds.high]
     return {
         "suite": suite,
         "weight": weight,
@@ -118,6 +129,7 @@ def compare(
         "conditioned": {key: [v.value, v.low, v.high] for key, v in figures.items()},
         "difference": [difference.value, difference.low, difference.high],
         "difference_over_seeds": [seeds.value, seeds.low, seeds.high],
+        "per_weight_halves": halves,
         "within_tolerance": difference.value >= -TOLERANCE,
     }
 
@@ -137,6 +149,24 @@ def format_rows(rows: list[dict[str, Any]], held_out: str | None) -> str:
             f"{single['gap_recovered'][0]:.2f} | {_cell(mine['reward'], 3)} | {mine['gap_recovered'][0]:.2f} | "
             f"{_cell(row['difference'], 3, True)} | {_cell(row['difference_over_seeds'], 3, True)} | "
             f"{'yes' if row['within_tolerance'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_halves(rows: list[dict[str, Any]], held_out: str | None) -> str:
+    """The per-weight policies against themselves: the later half of the seeds minus the earlier half."""
+    lines = [
+        "| suite | λ | per-weight, later seeds − earlier seeds | interval over seeds and queries |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("per_weight_halves") is None:
+            continue
+        name = f"{row['suite']}, held out" if row["suite"] == held_out else row["suite"]
+        value, low, high, seeds_low, seeds_high = row["per_weight_halves"]
+        lines.append(
+            f"| {name} ({row['queries']}) | {row['weight']:g} | {_cell([value, low, high], 3, True)} | "
+            f"[{seeds_low:+.3f}, {seeds_high:+.3f}] |"
         )
     return "\n".join(lines)
 
@@ -187,6 +217,9 @@ def main() -> None:
             print(format_rows(rows[-1:], args.held_out).splitlines()[-1], file=sys.stderr, flush=True)
         (out / f"{args.label}.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
     table_md = format_rows(rows, args.held_out)
+    if len(seeds) >= 2:
+        # How far two sets of seeds of one method land apart: the resolution of the table above.
+        table_md += "\n\n" + format_halves(rows, args.held_out)
     (out / f"{args.label}.md").write_text(table_md + "\n", encoding="utf-8")
     print(table_md)
 
