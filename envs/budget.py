@@ -15,9 +15,11 @@ from tokenopt.envs.sources import OutcomeSource, TableSource
 __all__ = ["REWARD_BASELINES", "REWARD_SCALES", "TokenBudgetEnv"]
 
 REWARD_BASELINES = ("none", "mean", "best_fixed")
-REWARD_SCALES = ("none", "spread")
 """Per-query baselines the training reward may subtract (``reward_baseline``): none, the query's mean
 reward over every action, or the reward on it of the action best on average over the split."""
+REWARD_SCALES = ("none", "spread")
+"""What the training reward may be divided by (``reward_scale``): nothing, or its spread over actions at
+the episode's lambda."""
 
 
 class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
@@ -63,9 +65,9 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
     reward is divided by ``s(lambda)``, the reward's spread over actions at the episode's
     lambda: the standard deviation over actions of ``r(q, a)``, averaged over the split's
     queries. The spread grows with lambda (about 5x from 0.0025 to 0.08 on the demo), so
-    without it a price-conditioned policy's batches are dominated by the high prices'
-    advantages and it learns the low prices' decisions worse. ``s`` depends on lambda alone,
-    so at each price the best action is unchanged; the unshaped reward is still in
+    without it a price-conditioned policy's batches take most of their advantages from the
+    high prices; with it every price weighs alike. ``s`` depends on lambda alone, so at each
+    price the best action is unchanged; the unshaped reward is still in
     ``info["unshaped_reward"]``.
 
     ## Episode End
