@@ -39,17 +39,10 @@ HEAVY_FIXTURES = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that needs a heavy fixture as slow, so `pytest -m "not slow"` stays a fast loop; run first
-    the tests marked ``first`` (and their files, which pytest-xdist's ``--dist loadfile`` keeps on one worker).
-
-    A test of several minutes started first keeps one worker busy while the others build the shared
-    fixtures (:func:`built_once`), instead of leaving one worker alone with it at the end of the run.
-    """
+    """Mark every test that needs a heavy fixture as slow, so `pytest -m "not slow"` stays a fast loop."""
     for item in items:
         if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    first_files = {item.path for item in items if item.get_closest_marker("first")}
-    items.sort(key=lambda item: 0 if item.get_closest_marker("first") else 1 if item.path in first_files else 2)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,6 @@ def test_embedded_lm_has_the_demo_properties(demo_table):
 
 
 @pytest.mark.slow
-@pytest.mark.first  # about 7 minutes alone on one core
 def test_rebuild_with_a_short_schedule_keeps_the_main_properties(tmp_path, property_questions, torch_threads):
     model_dir = tmp_path / "lm"
     summary = train_demo_lm(model_dir, DemoTrainConfig(steps=SHORT_STEPS, threads=torch_threads))
