@@ -23,7 +23,9 @@ from tokenopt.serve import ServeConfig, create_app
 def running_server(config: ServeConfig, backend: Any = None) -> Iterator[tuple[str, Any]]:
     """Serve ``config`` on 127.0.0.1 at a free port; yield (base URL, the FastAPI app)."""
     app = create_app(config, backend)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_keep_alive=config.keep_alive)
+    )  # as tokenopt serve runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -103,3 +104,18 @@ def test_nesting_within_the_limit_is_read(server):
     url, _ = server
     body = {"prompt": QUESTIONS[1], "tokenopt": {"bypass": False}, "stop": ["\n\n"]}
     assert _post(url, body).status_code == 200
+
+
+def test_an_idle_connection_outlives_a_client_pools_expiry(server):
+    # A pooled client (httpx: 5 s; a load balancer: 60 s) reuses an idle connection until its own expiry. Were
+    # the server to close it first (uvicorn's default: 5 s), a request sent on it at that moment would fail with a
+    # reset. tokenopt serve keeps idle connections --keep-alive seconds (75): after 6 s idle the same connection
+    # (the same local port) serves the next request.
+    url, _ = server
+    with httpx.Client(base_url=url, limits=httpx.Limits(keepalive_expiry=60), timeout=60) as client:
+        first = client.get("/healthz")
+        time.sleep(6)
+        second = client.get("/healthz")
+    assert first.status_code == second.status_code == 200
+    ports = [r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in (first, second)]
+    assert ports[0] == ports[1]

@@ -64,4 +64,7 @@ def serve_command(*, settings: dict[str, Any]) -> None:
         f"serving {arms} on http://{config.host}:{config.port}/v1 (decision log {config.log}); "
         "SIGHUP reloads the policies"
     )
-    uvicorn.run(application, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10)
+    uvicorn.run(
+        application, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10,
+        timeout_keep_alive=config.keep_alive,
+    )  # fmt: skip

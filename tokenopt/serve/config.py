@@ -60,6 +60,10 @@ class ServeConfig:
     """Requests waiting beyond ``max_concurrency``; past it, 429 with Retry-After."""
     timeout: float = 60.0
     """Seconds before a request gets 504."""
+    keep_alive: int = 75
+    """Seconds an idle client connection stays open. Longer than a load balancer's or client pool's idle timeout
+    (60 s on AWS ALB, 5 s in httpx), so that the client closes idle connections, not the server: a request sent on
+    a connection the server is closing at that moment fails with a connection reset."""
     max_prompt_chars: int = 32_000
     """Longest prompt accepted (413 past it)."""
     max_body_bytes: int = 1_000_000
@@ -159,6 +163,7 @@ class ServeConfig:
             (self.max_concurrency >= 1, f"max_concurrency must be >= 1; got {self.max_concurrency}"),
             (self.max_queue >= 0, f"max_queue must be >= 0; got {self.max_queue}"),
             (self.timeout > 0, f"timeout must be > 0 seconds; got {self.timeout}"),
+            (self.keep_alive >= 1, f"keep_alive must be >= 1 second; got {self.keep_alive}"),
             (1 <= self.port <= 65535 or self.port == 0, f"port must be in [1, 65535]; got {self.port}"),
             (not (self.model and self.upstream), "give --model or --upstream, not both"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1; got {self.threads}"),
