@@ -148,6 +148,7 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         self._outcomes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._baselines: np.ndarray | None = None
         self._scale: float | None = None
+        self._rewards: np.ndarray | None = None
         settings = {"reward_baseline": self.reward_baseline, "reward_scale": self.reward_scale}
         shaping = [f"{name} {value!r}" for name, value in settings.items() if value != "none"]
         if shaping:
@@ -176,27 +177,34 @@ class TokenBudgetEnv(gym.Env[np.ndarray, Any]):
         )
         self._baselines = None  # they depend on lambda
         self._scale = None
+        self._rewards = None
 
     def baselines(self) -> np.ndarray:
         """``b(q)`` of every query of the split under the current cost model (zeros without shaping)."""
         if self._outcomes is None or self.reward_baseline == "none":
             return np.zeros(len(self.source.query_ids))
         if self._baselines is None:
-            exact, billed, prompt = self._outcomes
-            rewards = self.cost_model.reward(exact, billed, prompt[:, None])
+            rewards = self._split_rewards()
             if self.reward_baseline == "mean":
                 self._baselines = rewards.mean(axis=1)
             else:
                 self._baselines = rewards[:, int(np.argmax(rewards.mean(axis=0)))]
         return self._baselines
 
+    def _split_rewards(self) -> np.ndarray:
+        """Every (query, action) reward of the split at the current lambda, computed once per lambda."""
+        assert self._outcomes is not None
+        if self._rewards is None:
+            exact, billed, prompt = self._outcomes
+            self._rewards = self.cost_model.reward(exact, billed, prompt[:, None])
+        return self._rewards
+
     def scale(self) -> float:
         """``s(lambda)``: what the training reward is divided by (1.0 without ``reward_scale``)."""
         if self._outcomes is None or self.reward_scale == "none":
             return 1.0
         if self._scale is None:
-            exact, billed, prompt = self._outcomes
-            spread = float(self.cost_model.reward(exact, billed, prompt[:, None]).std(axis=1).mean())
+            spread = float(self._split_rewards().std(axis=1).mean())
             self._scale = spread if spread > 1e-9 else 1.0  # every action alike on every query: nothing to scale
         return self._scale
 
