@@ -69,6 +69,31 @@ def _fewer_actions(arrays: dict[str, np.ndarray], spec: dict) -> None:
     spec["actions"] = spec["actions"][:-1]
 
 
+def _relu_and_large_logits(arrays: dict[str, np.ndarray], spec: dict) -> None:
+    layers = spec["members"][0]["layers"]
+    for layer in layers[:-1]:
+        layer["activation"] = "relu"
+    arrays[layers[-1]["weight"]] = arrays[layers[-1]["weight"]] * 400.0  # logits far beyond exp()'s range
+
+
+@pytest.mark.parametrize("change", [None, _relu_and_large_logits], ids=["as-exported", "relu-unbounded-logits"])
+def test_one_prompt_decides_as_the_batch_does(tmp_path, demo_policy, change):
+    """decide() takes a shorter path for one observation; it must give the batch path's probabilities."""
+    folder = demo_policy if change is None else _with_arrays(demo_policy, tmp_path / "policy", change)
+    policy = BudgetPolicy.load(folder)
+    rng = np.random.default_rng(0)
+    prompts = ["C " + "+".join(map(str, rng.integers(1, 10, size=int(rng.integers(2, 7))))) + "?" for _ in range(64)]
+    batch = policy.probabilities(policy.features.batch(prompts))
+    single = np.stack([policy.decide(prompt).probabilities for prompt in prompts])
+    assert np.isfinite(single).all()
+    np.testing.assert_allclose(single, batch, rtol=0, atol=1e-12)
+    assert [policy.decide(prompt).action for prompt in prompts] == [
+        policy.actions[k]["name"] for k in batch.argmax(axis=1)
+    ]
+    if change is not None:  # the large logits make the decisions near one-hot, and not all the same action
+        assert batch.max(axis=1).min() > 0.99 and len(set(batch.argmax(axis=1))) > 1
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
