@@ -89,6 +89,19 @@ def test_fast_features_equal_the_reference_loop_bit_for_bit(spec: FeatureSpec) -
         assert np.array_equal(fast.view(np.uint32), reference.view(np.uint32)), text[:80]
 
 
+def test_an_n_gram_cache_that_fills_up_starts_afresh_and_changes_nothing() -> None:
+    class SmallCache(PromptFeatures):
+        _CACHE_SIZE = 8  # a text of the demo's kind fills it; some have more words than it holds
+
+    extractor = SmallCache(FeatureSpec(hash_buckets=7))
+    texts = _random_texts(seed=21, count=60)
+    assert max(len(text.split()) for text in texts) > SmallCache._CACHE_SIZE
+    for text in texts + texts[::-1]:
+        reference = reference_features(extractor.spec, text)
+        assert np.array_equal(extractor(text).view(np.uint32), reference.view(np.uint32)), text[:80]
+        assert len(extractor._buckets) <= SmallCache._CACHE_SIZE
+
+
 def test_batch_equals_one_by_one() -> None:
     extractor = PromptFeatures()
     texts = _random_texts(seed=5, count=40)
