@@ -4,7 +4,10 @@ A server that logs its decisions (:mod:`tokenopt.decisions`) and receives feedba
 (``POST /v1/feedback``) collects logged bandit feedback: for each request the
 features x, the action a it served, the probability p (the propensity) with which
 its serving rule picked a, and the outcome. The reward of a row is
-``correct - lambda * cost(billed_tokens)`` (:class:`tokenopt.cost.CostModel`).
+``correct - lambda * cost(billed_tokens)`` (:class:`tokenopt.cost.CostModel`). For a
+price-conditioned policy, lambda is the one the row was decided at (the log's
+``cost_weight``), which is also the policy's last input; its ``price_fallback``
+intervals are kept, and the greedy policies are valued as served there.
 
 The exported policy is loaded into an equivalent torch MLP (same normalisation,
 layers and activations) and trained on the rows with feedback by a clipped,
@@ -64,9 +67,10 @@ import yaml
 from tokenopt.agents.common.hyperparams import ACTIVATIONS
 from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.export import export_policy
-from tokenopt.cost import CostSettings
+from tokenopt.cost import CostSettings, with_price
 from tokenopt.decisions import LoggedDecisions, read_decisions
-from tokenopt.runtime import PROBE_ENV_ID, BudgetPolicy
+from tokenopt.runtime import POLICY_SPEC_FILE, PROBE_ENV_ID, BudgetPolicy
+from tokenopt.table.schema import write_atomic
 
 __all__ = [
     "FromLogConfig",
@@ -179,6 +183,8 @@ class LoggedRows:
     propensity: np.ndarray
     correct: np.ndarray
     billed_tokens: np.ndarray
+    cost_weight: np.ndarray
+    """The lambda each row was decided at (NaN in logs that predate it); a price-conditioned policy's input."""
     arm_rows: int
     """Rows of the arm in the log (any status, bypassed included)."""
     decided_rows: int
@@ -254,11 +260,6 @@ def _check_policy(policy: BudgetPolicy, path: Path) -> None:
         raise ValueError(
             f"--init-from {path} is a TokenBudgetProbe-v0 controller (answer or continue at checkpoints); "
             "--from-log refines policies that pick a (budget, mode) per request"
-        )
-    if policy.cost_weight_range is not None:
-        raise ValueError(
-            f"--init-from {path} is price-conditioned (log lambda is an input); --from-log refines policies "
-            "trained for one cost weight: refine its table with `tokenopt train --cost-weight-range` instead"
         )
     outputs = policy.members[0][-1][0].shape[1]
     if outputs != len(policy.actions):
@@ -348,6 +349,18 @@ def logged_rows(
             f"{decisions.source[first]}: row {decisions.id[first]!r} has propensity {decisions.propensity[first]}; "
             "propensities are probabilities in (0, 1] of the serving rule"
         )
+    if policy.cost_weight_range is not None:
+        low, high = policy.cost_weight_range
+        weights = decisions.cost_weight[index]
+        outside = np.flatnonzero(~((weights >= low) & (weights <= high)))  # NaN included
+        if outside.size:
+            first = int(index[outside[0]])
+            raise ValueError(
+                f"{decisions.source[first]}: row {decisions.id[first]!r} was decided at cost_weight "
+                f"{decisions.cost_weight[first]}, outside the price-conditioned policy's range {low:g}:{high:g} "
+                f"({outside.size} such rows; a log written before lambda was recorded has none): refine on rows "
+                "served by a price-conditioned policy with the same range"
+            )
     return LoggedRows(
         ids=[decisions.id[row] for row in index],
         policy_ids=sorted({decisions.policy_id[row] for row in index}),
@@ -356,6 +369,7 @@ def logged_rows(
         propensity=propensity,
         correct=decisions.correct[index],
         billed_tokens=decisions.billed_tokens[index],
+        cost_weight=decisions.cost_weight[index],
         arm_rows=int(in_arm.sum()),
         decided_rows=int(decided.sum()),
         capped_rows=int((with_feedback & capped).sum()),
@@ -570,22 +584,40 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
     order = rng.permutation(n_rows)
     holdout, train = order[:n_holdout], order[n_holdout:]
     cost_model = config.cost_model()
-    rewards = cost_model.reward(rows.correct, rows.billed_tokens)
+    raw_inputs = rows.features
+    if policy.cost_weight_range is None:
+        rewards = cost_model.reward(rows.correct, rows.billed_tokens)
+    else:  # each row priced at the lambda it was decided at, which the policy also sees
+        rewards = np.asarray(rows.correct, dtype=np.float64) - rows.cost_weight * cost_model.cost(rows.billed_tokens)
+        raw_inputs = with_price(raw_inputs, rows.cost_weight)
 
     network = PolicyNetwork(policy.members[0])
-    inputs = torch.as_tensor(_normalize(policy, rows.features))
+    inputs = torch.as_tensor(_normalize(policy, raw_inputs))
     actions = torch.as_tensor(rows.actions)
     propensity = torch.as_tensor(rows.propensity)
+
+    # Where a price-conditioned policy falls back to a fixed action (price_fallback, kept in the export), the
+    # old and the refined policy both serve that action: their greedy choices are valued as such.
+    fallback = np.array([-1 if (a := policy.fallback_action(float(w))) is None else a for w in rows.cost_weight])
 
     def probabilities(subset: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return torch.softmax(network(inputs[subset]), dim=1).numpy()
 
-    old_probabilities = probabilities(np.arange(n_rows))
+    def served(probabilities: np.ndarray) -> np.ndarray:
+        """The probabilities with the price fallback applied (rows in order)."""
+        fixed = np.flatnonzero(fallback >= 0)
+        if fixed.size:
+            probabilities = probabilities.copy()
+            probabilities[fixed] = np.eye(len(policy.actions))[fallback[fixed]]
+        return probabilities
+
+    old_network = probabilities(np.arange(n_rows))
+    old_probabilities = served(old_network)
     old_greedy = old_probabilities.argmax(axis=1)
     names = [str(action["name"]) for action in policy.actions]
     single, warnings = _support_warnings(rows, old_greedy, names)
-    behaviour = old_probabilities[np.arange(n_rows), rows.actions] / rows.propensity
+    behaviour = old_network[np.arange(n_rows), rows.actions] / rows.propensity
     baseline = float((behaviour[train] * rewards[train]).sum() / behaviour[train].sum())
     advantages = torch.as_tensor(rewards - baseline)
 
@@ -597,7 +629,7 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
     finally:
         torch.set_num_threads(threads)
 
-    new_probabilities = probabilities(np.arange(n_rows))
+    new_probabilities = served(probabilities(np.arange(n_rows)))
     values = {"reward": rewards[holdout], "em": rows.correct[holdout], "billed_tokens": rows.billed_tokens[holdout]}
     holdout_old = greedy_snips(old_probabilities[holdout], rows.actions[holdout], rows.propensity[holdout], values)
     holdout_new = greedy_snips(new_probabilities[holdout], rows.actions[holdout], rows.propensity[holdout], values)
@@ -676,7 +708,8 @@ def _export(
     normalization: dict[str, Any] = dict(spec["normalization"])  # type: ignore[call-overload]
     member: dict[str, Any] = spec["members"][0]  # type: ignore[index]
     own_normalization = "obs_mean" in member or "obs_var" in member
-    return export_policy(
+    priced = policy.cost_weight_range is not None
+    folder = export_policy(
         [network.as_exportable()],
         policy.obs_mean,
         policy.obs_var,
@@ -696,9 +729,22 @@ def _export(
             "init_from": str(policy_path),
             "init_policy_id": policy.policy_id,
             "init_metadata": spec.get("metadata", {}),
-            "cost_weight": config.cost_weight,
+            # A price-conditioned policy's rows are priced at the lambda each was decided at.
+            **(
+                {"reward_priced_at": "each row's logged cost_weight"} if priced else {"cost_weight": config.cost_weight}
+            ),
         },
         # A format-2 single policy keeps its member's own statistics (and its version).
         member_normalization=[policy.member_normalization[0]] if own_normalization else None,
         obs_count=float(normalization["count"]) if "count" in normalization else None,
+        prompt_format=spec.get("prompt_format"),  # type: ignore[arg-type]
+        cost_weight_range=policy.cost_weight_range,
+        cost_weight=policy.cost_weight,
     )
+    if spec.get("price_fallback"):  # where do no harm fell back, the refined policy falls back too
+        written = json.loads((folder / POLICY_SPEC_FILE).read_text(encoding="utf-8"))
+        written["price_fallback"] = spec["price_fallback"]
+        text = json.dumps(written, indent=2) + "\n"
+        write_atomic(folder / POLICY_SPEC_FILE, lambda partial: partial.write_text(text, encoding="utf-8"))
+        BudgetPolicy.load(folder)  # what was written loads
+    return folder

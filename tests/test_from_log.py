@@ -34,8 +34,12 @@ def _output(result):
     return " ".join(result.output.split())
 
 
-def write_served_log(path, policy_dir, table, *, explore, requests_per_query, seed, families=None, feedback=True):
+def write_served_log(path, policy_dir, table, *, explore, requests_per_query, seed, families=None, feedback=True,
+                     prices=None):  # fmt: skip
     """A decision log as a server exploring with ``explore`` would write it for the table's queries.
+
+    ``prices``: a (low, high) range from which each request of a price-conditioned policy draws the lambda
+    it is decided at (log-uniformly), as a budgeted server's moving price would; it is logged with the row.
 
     Each query is served ``requests_per_query`` times: features from the policy's own extractor, the
     action drawn from ``(1 - explore) * onehot(argmax) + explore * uniform`` and billed tokens from the
@@ -53,7 +57,6 @@ def write_served_log(path, policy_dir, table, *, explore, requests_per_query, se
     row_of = {query_id: i for i, query_id in enumerate(matrix.ids)}
     column = [list(matrix.actions).index(name) for name in names]
     features = policy.features.batch(list(queries.question))
-    greedy = policy.probabilities(features).argmax(axis=1)
     description = {"policy_id": policy.policy_id, "path": str(policy_dir), "actions": names,
                    "feature_spec": policy.spec["feature_spec"], "extra_inputs": policy.extra_inputs}  # fmt: skip
     log = DecisionLog(path, {"A": description})
@@ -69,11 +72,13 @@ def write_served_log(path, policy_dir, table, *, explore, requests_per_query, se
         return DecisionRecord(**(fields | changes))
 
     for _ in range(requests_per_query):
+        weights = None if prices is None else np.exp(rng.uniform(*np.log(prices), size=len(queries)))
+        greedy = policy.decision_probabilities(features.astype(np.float64), weights).argmax(axis=1)
         for k, family in enumerate(queries.family):
             serving = np.full(len(names), explore / len(names))
             serving[greedy[k]] += 1.0 - explore
             action = int(rng.choice(len(names), p=serving))
-            row = record(k, action, float(serving[action]))
+            row = record(k, action, float(serving[action]), cost_weight=None if weights is None else float(weights[k]))
             log.append(row)
             if feedback:
                 correct = names[action] == CHEAP_ACTION if family == TARGET_FAMILY else action == greedy[k]
@@ -264,3 +269,35 @@ def test_bad_logs_and_policies_are_refused_with_the_reason(served_policy, demo_t
     assert result.exit_code == 2 and "['--table'] train PPO on an outcome table" in _output(result)
     result = runner.invoke(app, ["train", "--table", str(demo_table), "--epochs", "3"])
     assert result.exit_code == 2 and "['--epochs'] apply only with --from-log" in _output(result)
+
+
+def test_a_price_conditioned_policy_is_refined_at_each_row_s_logged_price(conditioned_policy, demo_table, tmp_path):
+    # Do no harm fell back to the dearest action above lambda 0.03 (a fallback written as `tokenopt train` writes
+    # one): the refinement keeps it there, and learns the network from the rows at every logged price.
+    served = tmp_path / "served"
+    shutil.copytree(conditioned_policy, served)
+    spec = json.loads((served / "policy.json").read_text())
+    low, high = spec["cost_weight_range"]
+    spec["price_fallback"] = [{"low": 0.03, "high": high, "action": "b32/beam3"}]
+    (served / "policy.json").write_text(json.dumps(spec))
+    log = write_served_log(tmp_path / "log.db", served, demo_table, explore=0.2, requests_per_query=2, seed=0,
+                           prices=(low, high))  # fmt: skip
+    result = refine_from_log(FromLogConfig(log=str(log), init_from=str(served), out=str(tmp_path / "run")))
+    old, new = BudgetPolicy.load(served), BudgetPolicy.load(result.policy_dir)
+    assert new.cost_weight_range == old.cost_weight_range and new.cost_weight == old.cost_weight
+    assert new.price_fallback == old.price_fallback and new.prompt_format == old.prompt_format
+    questions = pq.read_table(demo_table / "queries.parquet", columns=["question", "family"]).to_pandas()
+    chain = list(questions.question[questions.family == TARGET_FAMILY])
+    assert [d.action for d in new.decide_batch(chain, cost_weight=0.04)] == ["b32/beam3"] * len(chain)
+    # Below the fallback the feedback (the cheap action right on chain) moved the decisions, at low and high prices.
+    for weight in (0.004, 0.02):
+        before = np.mean([d.action == CHEAP_ACTION for d in old.decide_batch(chain, cost_weight=weight)])
+        after = np.mean([d.action == CHEAP_ACTION for d in new.decide_batch(chain, cost_weight=weight)])
+        assert before < 0.2 and after > 0.5, (weight, before, after)
+    assert result.verdict == "better" and result.holdout_new["reward"] > result.holdout_old["reward"]
+
+    # Rows without a lambda (a log written before it was recorded) cannot be priced: refused, naming the row.
+    unpriced = write_served_log(tmp_path / "unpriced.db", served, demo_table, explore=0.2, requests_per_query=1,
+                                seed=1, families=["max"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"row 'cmpl-000000' was decided at cost_weight nan, outside .* 0\.003:0\.05"):
+        refine_from_log(FromLogConfig(log=str(unpriced), init_from=str(served), out=str(tmp_path / "run2")))

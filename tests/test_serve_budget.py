@@ -117,6 +117,33 @@ def test_the_price_changes_what_is_served(tmp_path, conditioned_policy, demo_lm)
     assert rows.action[20:] == [policy.decide(q, cost_weight=high).action for q in sensitive[:10]]
 
 
+def test_the_server_serves_the_price_fallback_where_do_no_harm_set_one(tmp_path, conditioned_policy, demo_lm):
+    # Above lambda 0.02 the policy falls back to a fixed action (as `tokenopt train` writes it where the
+    # learned policy did not beat the best fixed action on val): the server must serve that action there.
+    learned = BudgetPolicy.load(conditioned_policy)
+    high = PRICED_RANGE[1]
+    picked = [learned.decide(q, cost_weight=high).action for q in QUESTIONS[40:60]]
+    fixed = next(str(a["name"]) for a in learned.actions if str(a["name"]) not in picked)
+    served = tmp_path / "policy"
+    shutil.copytree(conditioned_policy, served)
+    spec = json.loads((served / "policy.json").read_text())
+    spec["price_fallback"] = [{"low": 0.02, "high": high, "action": fixed}]
+    (served / "policy.json").write_text(json.dumps(spec))
+    policy = BudgetPolicy.load(served)
+    config = _config(tmp_path, served, **OVERSPENT)
+    with running_server(config, LocalBackend(demo_lm)) as (url, _):
+        _ask(url, QUESTIONS[:20])  # lambda climbs from 0.01 through 0.02 to its bound
+        _ask(url, QUESTIONS[40:60])
+    rows = read_decisions(config.log)
+    weights = rows.cost_weight
+    assert (weights < 0.02).any() and (weights[20:] == high).all()
+    for question, action, weight in zip(QUESTIONS[:20] + QUESTIONS[40:60], rows.action, weights, strict=True):
+        assert action == policy.decide(question, cost_weight=float(weight)).action
+        if weight >= 0.02:
+            assert action == fixed
+    assert (rows.propensity == 1.0).all()
+
+
 def test_ab_arms_keep_separate_controllers(tmp_path, conditioned_policy, demo_lm):
     config = _config(tmp_path, conditioned_policy, policy_b=conditioned_policy, split=0.5, **OVERSPENT)
     default = BudgetPolicy.load(conditioned_policy).cost_weight

@@ -541,6 +541,26 @@ class BudgetPolicy:
             if extras is None:
                 raise ValueError(f"this policy also needs the inputs {self.extra_inputs} (pass extras)")
             observations = np.concatenate([observations, np.atleast_2d(extras)], axis=1)
+        return [self._decision(row) for row in self.decision_probabilities(observations, cost_weight)]
+
+    def decision_probabilities(
+        self, observations: np.ndarray, cost_weight: float | np.ndarray | None = None
+    ) -> np.ndarray:
+        """The action probabilities the policy decides from, for a batch of raw observations at a price.
+
+        For a price-conditioned policy, ``log lambda`` is appended to the observations and,
+        at a price where the do-no-harm rule fell back (``price_fallback``), the row is the
+        fixed action's one-hot: what :meth:`decide` and :meth:`decide_batch` pick, and what a
+        server that samples or logs propensities must start from. Other policies: as
+        :meth:`probabilities`.
+
+        Args:
+            observations: (rows, inputs) the features [+ extras], without the price.
+            cost_weight: lambda, one for all rows or one per row; None: the policy's default.
+
+        Raises:
+            ValueError: as :meth:`decide_batch`, for ``cost_weight``.
+        """
         price = self._price(cost_weight)
         if price is not None:
             observations = with_price(observations, price)
@@ -551,16 +571,23 @@ class BudgetPolicy:
                 fixed = self._fixed_at(float(weight))
                 if fixed is not None:
                     probabilities[row] = fixed
-        return [self._decision(row) for row in probabilities]
+        return probabilities
+
+    def fallback_action(self, cost_weight: float) -> int | None:
+        """The action index the price fallback takes at this lambda; None where the policy decides."""
+        for low, high, action in self.price_fallback:
+            if low <= cost_weight <= high:
+                return action
+        return None
 
     def _fixed_at(self, cost_weight: float) -> np.ndarray | None:
         """The one-hot probabilities of the fixed action the price fallback takes at this lambda, if any."""
-        for low, high, action in self.price_fallback:
-            if low <= cost_weight <= high:
-                one_hot = np.zeros(len(self.actions))
-                one_hot[action] = 1.0
-                return one_hot
-        return None
+        action = self.fallback_action(cost_weight)
+        if action is None:
+            return None
+        one_hot = np.zeros(len(self.actions))
+        one_hot[action] = 1.0
+        return one_hot
 
     def decide(
         self,

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenopt.cost import with_price
 from tokenopt.decisions import DecisionLog, DecisionRecord
 from tokenopt.runtime import BudgetPolicy, PolicyLoadError
 from tokenopt.serve.backends import BackendError, Generation, LocalBackend, UpstreamBackend, UpstreamError
@@ -800,10 +799,8 @@ class OpenAIServing:
         that the whole response fits in it.
         """
         policy, explore = arm.policy, self.config.explore
-        observation = features.astype(np.float64)
-        if price is not None:
-            observation = with_price(observation, price)
-        probabilities = policy.probabilities(observation[None, :])[0]
+        # The runtime's own rule: the price appended and, where do no harm fell back at that price, the fixed action.
+        probabilities = policy.decision_probabilities(features.astype(np.float64)[None, :], price)[0]
         greedy_index = int(np.argmax(probabilities))
         index = greedy_index
         if explore > 0 and arm.rng.random() < explore:
