@@ -737,7 +737,7 @@ def _export(
         # A format-2 single policy keeps its member's own statistics (and its version).
         member_normalization=[policy.member_normalization[0]] if own_normalization else None,
         obs_count=float(normalization["count"]) if "count" in normalization else None,
-        prompt_format=spec.get("prompt_format"),  # type: ignore[arg-type]
+        prompt_format=spec.get("prompt_format"),
         cost_weight_range=policy.cost_weight_range,
         cost_weight=policy.cost_weight,
     )
