@@ -340,12 +340,13 @@ def export_ensemble(run_dirs: list[str | Path] | list[Path], out_dir: str | Path
     reference = _policy_settings(runs[0])
     for run in runs[1:]:
         settings = _policy_settings(run)
-        keys = ("feature_spec", "actions", "extra_inputs", "env_id", "probe", "clip", "epsilon", "cost_weight_range")
+        keys = ("feature_spec", "actions", "extra_inputs", "env_id", "probe", "clip", "epsilon", "cost_weight_range",
+                "prompt_format")  # fmt: skip
         for key in keys:
             if settings.get(key) != reference.get(key):
                 raise ValueError(
                     f"cannot ensemble {run.run_dir} with {runs[0].run_dir}: their {key} differ "
-                    f"({settings[key]!r} vs {reference[key]!r}); train every member on the same table and env"
+                    f"({settings.get(key)!r} vs {reference.get(key)!r}); train every member on the same table and env"
                 )
     out_dir = Path(out_dir)
     return export_policy(

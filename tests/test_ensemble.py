@@ -140,6 +140,23 @@ def test_ensemble_needs_two_runs(seed_runs, tmp_path):
         export_ensemble([out / "seed-3"], tmp_path / "policy")
 
 
+def test_members_collected_with_another_prompt_format_are_refused(seed_runs, demo_table, tmp_path):
+    # Same actions and features, but the table was collected with another prompt: a server would prompt
+    # the LM one way for both members, so they do not make one policy.
+    out, _ = seed_runs
+    table = tmp_path / "table"
+    table.mkdir()
+    manifest = json.loads((demo_table / "manifest.json").read_text())
+    manifest["settings"]["prompt_template"] = "Q: {question}"
+    (table / "manifest.json").write_text(json.dumps(manifest))
+    other = tmp_path / "seed-4"
+    shutil.copytree(out / "seed-4", other)
+    config = yaml.safe_load((other / "config.yml").read_text())
+    (other / "config.yml").write_text(yaml.safe_dump({**config, "table": str(table)}))
+    with pytest.raises(ValueError, match=r"cannot ensemble .*seed-4 with .*seed-3: their prompt_format differ"):
+        export_ensemble([out / "seed-3", other], tmp_path / "policy")
+
+
 def test_cli_refuses_an_ensemble_of_one(demo_table, tmp_path):
     result = CliRunner().invoke(app, ["train", "--table", str(demo_table), "--out", str(tmp_path), "--ensemble"])
     assert result.exit_code == 2
