@@ -282,6 +282,25 @@ def test_train_falls_back_to_the_best_fixed_action_when_it_cannot_beat_it(fallba
     assert off.passed and off.no_harm is None
 
 
+def test_an_ensemble_that_cannot_beat_the_best_fixed_action_is_not_shipped(tmp_path, greedy_table):
+    # As fallback_run, with two seeds and --ensemble: what is shipped (OUT/policy, the ensemble) falls back too.
+    out = tmp_path / "ens"
+    printed = _train(greedy_table, out, "--total-timesteps", "2048", "--cost-weight", "2", "--seeds", "2", "--ensemble")
+    record = json.loads((out / "no_harm.json").read_text())
+    assert record["fallback"] and not record["verdict"]["beats_fixed"]
+    assert record["verdict"]["fixed_action"] == "b0/greedy"
+    shipped, learned = BudgetPolicy.load(out / "policy"), BudgetPolicy.load(out / "policy-learned")
+    assert shipped.fallback is not None and shipped.fallback["action"] == "b0/greedy"
+    assert len(learned.members) == 2 and learned.fallback is None
+    texts = list(query_questions(greedy_table).values())[:100]
+    assert {d.action for d in shipped.decide_batch(texts)} == {"b0/greedy"}
+    assert f"ensemble of the 2 seeds ({out / 'policy'}):" in printed and "always picks b0/greedy" in printed
+    assert f"The ensemble ({out / 'policy-learned'})" in printed
+    # the members keep their learned policies, as before
+    for seed in (0, 1):
+        assert BudgetPolicy.load(out / f"seed-{seed}" / "policy").fallback is None
+
+
 def test_no_fallback_keeps_the_learned_policy_and_a_rerun_restores_it(fallback_run, tmp_path):
     run, _ = fallback_run
     copy = tmp_path / "run"

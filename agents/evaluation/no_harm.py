@@ -292,13 +292,19 @@ def write_fallback_policy(learned: str | Path, out: str | Path, action: str, ver
     return out
 
 
-def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> dict[str, Any] | None:
+def apply_no_harm(
+    run_dir: str | Path, fallback: bool = True, seed: int = 0, config: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """After ``tokenopt train``: the do-no-harm rule on validation, and the fallback export.
 
     The run's exported ``RUN/policy/`` is scored on the val split against the best fixed
     action on val. When it does not beat it beyond the noise and ``fallback`` is set, the
     learned policy moves to ``RUN/policy-learned/`` and ``RUN/policy/`` becomes the
     fallback to that fixed action. The outcome is written to ``RUN/no_harm.json``.
+
+    ``config``: the training settings (table, prices, env) when ``run_dir`` has no
+    ``config.yml`` of its own, as for ``train --seeds N --ensemble``'s ``OUT/``, whose
+    policy averages runs trained with one member's settings but its seed.
 
     Returns:
         ``{"figures", "verdict", "noise", "fallback", "policy", "learned_policy"}`` (``figures``: the
@@ -313,7 +319,9 @@ def apply_no_harm(run_dir: str | Path, fallback: bool = True, seed: int = 0) -> 
     from tokenopt.runtime import POLICY_SPEC_FILE, BudgetPolicy
 
     run = RunDir(run_dir)
-    config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    if config is None:
+        config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    assert config is not None
     if str(config.get("env", "budget")) != "budget":
         return None
     cost_model = CostSettings(

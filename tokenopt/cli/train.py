@@ -138,6 +138,9 @@ def train_command(
             )
         )
 
+    import yaml
+
+    from tokenopt.agents.common.run_dir import RunDir
     from tokenopt.agents.evaluation.no_harm import apply_no_harm, format_no_harm
     from tokenopt.agents.evaluation.report import format_seed_report, seed_report
     from tokenopt.agents.export import export_ensemble, export_run
@@ -175,6 +178,9 @@ def train_command(
                 no_harm[run_dir] = apply_no_harm(run_dir, fallback=fallback and not ensemble, seed=seed)
         if ensemble:
             export_ensemble([run_dir for _, run_dir in runs], out / "policy")
+            # The rule applies to what is shipped: the ensemble, checked with its members' settings.
+            members = yaml.safe_load(RunDir(runs[0][1]).config.read_text(encoding="utf-8"))
+            no_harm[out] = apply_no_harm(out, fallback=fallback, seed=seed, config=members)
     except (ValueError, FileNotFoundError) as error:
         fail(error)
     for (run_seed, run_dir), result in zip(runs, results, strict=True):
@@ -187,13 +193,19 @@ def train_command(
         )
         if no_harm.get(run_dir) is not None:
             console.print(format_no_harm(no_harm[run_dir]), highlight=False, markup=False)
+    learned_ensemble = out / "policy"
+    checked = no_harm.get(out)
+    if checked is not None:
+        console.print(f"ensemble of the {seeds} seeds ({out / 'policy'}):", soft_wrap=True)
+        console.print(format_no_harm(checked), highlight=False, markup=False)
+        learned_ensemble = Path(checked["learned_policy"])
     if seeds > 1 and (export or ensemble):
         try:
             comparison = seed_report(
                 {f"seed {run_seed}": run_dir / "policy" for run_seed, run_dir in runs},
                 table,
                 CostModel(cost_weight),
-                ensemble=out / "policy" if ensemble else None,
+                ensemble=learned_ensemble if ensemble else None,
             )
         except ValueError as error:
             fail(error)
@@ -205,7 +217,7 @@ def train_command(
             best_single = max(comparison["singles"], key=lambda entry: entry["reward"])
             verdict = "beats" if comparison["ensemble"]["reward"] > best_single["reward"] else "does not beat"
             typer.echo(
-                f"\nThe ensemble ({out / 'policy'}) {verdict} the best single policy ({best_single['policy']}) "
+                f"\nThe ensemble ({learned_ensemble}) {verdict} the best single policy ({best_single['policy']}) "
                 f"on test reward: {comparison['ensemble']['reward']:.4f} vs {best_single['reward']:.4f} "
                 f"(mean of singles {comparison['mean_single']['reward']:.4f})."
             )
