@@ -17,7 +17,10 @@ same settings, so an interrupted sweep resumes where it stopped. Results go to
         --weights 0.01,0.02 --variants none,shaping,warm,both --seeds 0,1 --out runs/suites
 
 Variants are named sets of ``--set`` overrides (see ``VARIANTS``); ``--variant NAME:k=v,k=v``
-adds one. ``default`` is the shipped ``agents/configs/ppo.yml`` unchanged.
+adds one. ``default`` is the shipped ``agents/configs/ppo.yml`` unchanged. ``--ensemble`` adds,
+per (suite, weight, variant), the seeds' runs averaged into one policy as ``tokenopt train
+--seeds N --ensemble`` ships it (do no harm applied to the ensemble), with its test reward
+minus the seeds' mean, paired.
 """
 
 from __future__ import annotations
@@ -170,11 +173,44 @@ def _interval(values: Any) -> list[float]:
     return [values.value, values.low, values.high]
 
 
+def ensemble_cell(run_dirs: list[Path], out: Path, test: OutcomeMatrix, questions: dict[str, str]) -> dict[str, Any]:
+    """The seeds' runs as one policy (``tokenopt train --seeds N --ensemble``), do no harm applied, replayed on test.
+
+    The ensemble goes to ``OUT/policy/`` (the fallback where it does not beat the best fixed action on val beyond
+    the noise; ``OUT/policy-learned/`` then keeps it), checked with the first run's settings as the CLI does.
+    """
+    import yaml
+
+    from tokenopt.agents.evaluation.no_harm import apply_no_harm
+    from tokenopt.agents.export import export_ensemble
+
+    if out.exists():
+        shutil.rmtree(out)
+    export_ensemble(run_dirs, out / "policy")
+    config = yaml.safe_load((run_dirs[0] / "config.yml").read_text(encoding="utf-8"))
+    apply_no_harm(out, config=config)
+    learned = out / LEARNED_POLICY_DIR if (out / LEARNED_POLICY_DIR).is_dir() else out / "policy"
+    cells = [json.loads((run_dir / CELL_FILE).read_text(encoding="utf-8")) for run_dir in run_dirs]
+    return {
+        "settings": {"seed": f"ensemble of {len(run_dirs)}"},
+        "seconds": float(sum(cell["seconds"] for cell in cells)),
+        "fallback": learned != out / "policy",
+        "test_columns": {
+            "shipped": policy_choices(BudgetPolicy.load(out / "policy"), test, questions).tolist(),
+            "learned": policy_choices(BudgetPolicy.load(learned), test, questions).tolist(),
+        },
+    }
+
+
 def summarise(
     suite: str, weight: float, variant: str, cells: list[dict[str, Any]], test: OutcomeMatrix, val: OutcomeMatrix,
     points: dict[str, list[OperatingPoint]], left_out: dict[str, str], which: str,
+    reference: np.ndarray | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One row: the seeds' per-query mean outcomes with intervals, and the val-picked baselines."""
+    """One row: the seeds' per-query mean outcomes with intervals, and the val-picked baselines.
+
+    ``reference``: per-query test rewards to subtract (paired), e.g. the seeds' mean beside their ensemble.
+    """
     cost_model = CostModel(weight)
     rows = np.arange(len(test.ids))
     columns = np.array([cell["test_columns"][which] for cell in cells], dtype=np.int64)
@@ -191,6 +227,11 @@ def summarise(
         baselines[method] = {"setting": point.setting, **{k: _interval(v) for k, v in figures.items()}}
         compare[method] = cost_model.reward(point.exact_match, point.billed_tokens, test.prompt_tokens)
     figures = split_figures(test, exact, billed, cost_model, compare=compare)
+    minus_reference = None
+    if reference is not None:
+        minus_reference = _interval(
+            split_figures(test, exact, billed, cost_model, compare={"r": reference})["reward_minus:r"]
+        )
     per_seed = [evaluate_actions(test, c, cost_model) for c in columns]
     oracle, best_fixed = float(test.oracle_reward(cost_model)), test.best_fixed(cost_model)[1]
     return {
@@ -209,7 +250,27 @@ def summarise(
         "best_fixed_reward": best_fixed,
         "baselines": baselines,
         "train_seconds": float(np.mean([cell["seconds"] for cell in cells])),
+        "rewards": cost_model.reward(exact, billed, test.prompt_tokens).tolist(),
+        "minus_reference": minus_reference,
     }
+
+
+def format_ensembles(rows: list[dict[str, Any]], held_out: str | None) -> str:
+    """Each ensemble row beside its seeds' row: test reward [95%] and the paired difference."""
+    lines = ["| suite | λ | policy | the seeds' mean | their ensemble | ensemble − seeds' mean [95%] |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    seeds = {(row["suite"], row["weight"], row["variant"], row["policy"]): row for row in rows}
+    for row in rows:
+        if row.get("minus_reference") is None:
+            continue
+        variant = row["variant"].rsplit(", ensemble of", 1)[0]
+        single = seeds[(row["suite"], row["weight"], variant, row["policy"])]
+        name = row["suite"] + (" (held out)" if row["suite"] == held_out else "")
+        shipped = row["policy"] + ("" if not row["fallbacks"] else ", fallback" if row["policy"] == "shipped"
+                                   else " (the ensemble ships the fallback)")  # fmt: skip
+        lines.append(f"| {name} | {row['weight']:g} | {shipped} | {_cell(single['reward'], 3)} | "
+                     f"{_cell(row['reward'], 3)} | {_cell(row['minus_reference'], 3)} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _cell(values: list[float], digits: int) -> str:
@@ -296,6 +357,11 @@ def main() -> None:
     )
     parser.add_argument("--held-out", default=None, help="the suite kept out of tuning (marked in the table)")
     parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also score the seeds' runs as one ensemble (as `tokenopt train --seeds N --ensemble` ships it)",
+    )
+    parser.add_argument(
         "--train-args", default="", help="more `tokenopt train` options for every cell, e.g. '--features lm-hidden'"
     )
     args = parser.parse_args()
@@ -355,10 +421,21 @@ def main() -> None:
                                 args.policy)  # fmt: skip
                 rows.append(row)
                 print(format_rows([row], args.held_out).splitlines()[-1], file=sys.stderr, flush=True)
+                if args.ensemble and len(seeds) > 1:
+                    run_dirs = [out / suite / f"w{weight:g}" / variant / f"seed-{seed}" for seed in seeds]
+                    joint = ensemble_cell(run_dirs, out / suite / f"w{weight:g}" / variant / "ensemble",
+                                          test_r.matrix, questions)  # fmt: skip
+                    row = summarise(suite, weight, f"{variant}, ensemble of {len(seeds)}", [joint], test_r.matrix,
+                                    val_r.matrix, points, left_out, args.policy,
+                                    np.asarray(rows[-1]["rewards"]))  # fmt: skip
+                    rows.append(row)
+                    print(format_rows([row], args.held_out).splitlines()[-1], file=sys.stderr, flush=True)
                 save()
     table_md = format_rows(rows, args.held_out)
     if len(chosen) > 1:
         table_md += "\n\n" + format_ablation(rows, args.held_out)
+    if args.ensemble:
+        table_md += "\n\n" + format_ensembles(rows, args.held_out)
     (out / "results.md").write_text(table_md + "\n", encoding="utf-8")
     print(table_md)
 
