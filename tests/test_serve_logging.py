@@ -43,17 +43,32 @@ def _by_mode(policy_dir, greedy: bool, count: int) -> list[str]:
     return chosen[:count]
 
 
+def _decisions_made(url: str) -> float:
+    """How many requests the server's policy has decided (the count of its decision-latency histogram)."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("tokenopt_policy_latency_seconds_count"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _leave_before_the_response(url: str, question: str, request_id: str) -> None:
-    """Send a streamed request on a raw socket and close it while the server is still deciding and decoding."""
+    """Send a streamed request on a raw socket and close it once the server has decided it.
+
+    The server has then read the request (so it is logged), and the request waits in the batcher, whose
+    half-second window outlasts the client: its response cannot have started when the client leaves.
+    """
     address = urlparse(url)
     body = json.dumps({"prompt": question, "stream": True, "user": request_id}).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: {address.hostname}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
+    before = _decisions_made(url)
     with socket.create_connection((address.hostname, address.port)) as connection:
         connection.sendall(head + body)
-        time.sleep(0.15)  # the body is read and the request waits in the batcher
+        deadline = time.monotonic() + 30.0
+        while _decisions_made(url) <= before and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 def _drop_after_first_event(url: str, question: str) -> str:
