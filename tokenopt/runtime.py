@@ -450,17 +450,11 @@ class BudgetPolicy:
         """
         total: np.ndarray | None = None
         for low, high, layers in self._single:
-            # On vectors, inline: a batch of one pays numpy's per-call cost, not arithmetic, so
-            # every call saved counts; the sum of a few floats is cheaper in Python than in numpy.
+            # On vectors: a batch of one pays numpy's per-call cost, not arithmetic, so every
+            # call saved counts; the sum of a few floats is cheaper in Python than in numpy.
             h = np.maximum(observation, low)
             np.minimum(h, high, out=h)
-            for weight, bias, activation in layers:
-                h = h @ weight
-                h += bias
-                if activation == "tanh":
-                    np.tanh(h, out=h)
-                elif activation == "relu":
-                    np.maximum(h, 0.0, out=h)
+            h = _logits(h, layers)
             if not self._logits_bounded:
                 h -= h.max()
             np.exp(h, out=h)
