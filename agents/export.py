@@ -87,6 +87,7 @@ def export_policy(
     feature_arrays: dict[str, np.ndarray] | None = None,
     cost_weight_range: tuple[float, float] | None = None,
     cost_weight: float | None = None,
+    price_fallback: list[dict[str, object]] | None = None,
 ) -> Path:
     """Write ``policy.json`` and ``policy.npz`` for one agent or an ensemble.
 
@@ -120,6 +121,8 @@ def export_policy(
         cost_weight_range: the (low, high) lambda range of a price-conditioned policy, whose
             network takes log lambda as its last input (format version 3); None otherwise.
         cost_weight: the lambda a price-conditioned policy decides at by default.
+        price_fallback: a price-conditioned policy's do-no-harm intervals (``low``, ``high``,
+            ``action``), at whose prices it picks that fixed action; None or empty: none.
 
     Returns:
         The policy folder.
@@ -184,6 +187,7 @@ def export_policy(
         "members": member_specs,
         **({"probe": probe} if probe is not None else {}),
         **({"prompt_format": prompt_format} if prompt_format is not None else {}),
+        **({"price_fallback": price_fallback} if price_fallback else {}),
         "weights_sha256": hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         "metadata": metadata or {},
     }

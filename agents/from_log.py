@@ -69,8 +69,7 @@ from tokenopt.agents.common.run_dir import RunDir
 from tokenopt.agents.export import export_policy
 from tokenopt.cost import CostSettings, with_price
 from tokenopt.decisions import LoggedDecisions, read_decisions
-from tokenopt.runtime import POLICY_SPEC_FILE, PROBE_ENV_ID, BudgetPolicy
-from tokenopt.table.schema import write_atomic
+from tokenopt.runtime import PROBE_ENV_ID, BudgetPolicy
 
 __all__ = [
     "FromLogConfig",
@@ -596,21 +595,14 @@ def refine_from_log(config: FromLogConfig) -> FromLogResult:
     actions = torch.as_tensor(rows.actions)
     propensity = torch.as_tensor(rows.propensity)
 
-    # Where a price-conditioned policy falls back to a fixed action (price_fallback, kept in the export), the
-    # old and the refined policy both serve that action: their greedy choices are valued as such.
-    fallback = np.array([-1 if (a := policy.fallback_action(float(w))) is None else a for w in rows.cost_weight])
-
     def probabilities(subset: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return torch.softmax(network(inputs[subset]), dim=1).numpy()
 
+    # As the server decides: where a price-conditioned policy falls back (price_fallback, kept in the export),
+    # the old and the refined policy both serve the fixed action.
     def served(probabilities: np.ndarray) -> np.ndarray:
-        """The probabilities with the price fallback applied (rows in order)."""
-        fixed = np.flatnonzero(fallback >= 0)
-        if fixed.size:
-            probabilities = probabilities.copy()
-            probabilities[fixed] = np.eye(len(policy.actions))[fallback[fixed]]
-        return probabilities
+        return policy.with_price_fallback(probabilities.copy(), rows.cost_weight)
 
     old_network = probabilities(np.arange(n_rows))
     old_probabilities = served(old_network)
@@ -709,7 +701,7 @@ def _export(
     member: dict[str, Any] = spec["members"][0]  # type: ignore[index]
     own_normalization = "obs_mean" in member or "obs_var" in member
     priced = policy.cost_weight_range is not None
-    folder = export_policy(
+    return export_policy(
         [network.as_exportable()],
         policy.obs_mean,
         policy.obs_var,
@@ -740,11 +732,5 @@ def _export(
         prompt_format=spec.get("prompt_format"),
         cost_weight_range=policy.cost_weight_range,
         cost_weight=policy.cost_weight,
+        price_fallback=spec.get("price_fallback"),  # where do no harm fell back, so does it
     )
-    if spec.get("price_fallback"):  # where do no harm fell back, the refined policy falls back too
-        written = json.loads((folder / POLICY_SPEC_FILE).read_text(encoding="utf-8"))
-        written["price_fallback"] = spec["price_fallback"]
-        text = json.dumps(written, indent=2) + "\n"
-        write_atomic(folder / POLICY_SPEC_FILE, lambda partial: partial.write_text(text, encoding="utf-8"))
-        BudgetPolicy.load(folder)  # what was written loads
-    return folder

@@ -558,30 +558,32 @@ class BudgetPolicy:
         price = self._price(cost_weight)
         if price is not None:
             observations = with_price(observations, price)
-        probabilities = self.probabilities(observations)
-        if self.price_fallback:
-            weights = np.broadcast_to(np.asarray(price, dtype=np.float64), (len(probabilities),))
+        return self.with_price_fallback(self.probabilities(observations), price)
+
+    def with_price_fallback(self, probabilities: np.ndarray, cost_weight: float | np.ndarray | None) -> np.ndarray:
+        """``probabilities`` (rows) with each row at a price where the policy falls back set to that fixed action.
+
+        Args:
+            probabilities: (rows, actions) the network's probabilities; changed in place.
+            cost_weight: the lambda of every row, or one per row; None (a policy trained for one
+                lambda) or a price outside every ``price_fallback`` interval leaves a row as it is.
+        """
+        if self.price_fallback and cost_weight is not None:
+            weights = np.broadcast_to(np.asarray(cost_weight, dtype=np.float64), (len(probabilities),))
             for row, weight in enumerate(weights):
                 fixed = self._fixed_at(float(weight))
                 if fixed is not None:
                     probabilities[row] = fixed
         return probabilities
 
-    def fallback_action(self, cost_weight: float) -> int | None:
-        """The action index the price fallback takes at this lambda; None where the policy decides."""
-        for low, high, action in self.price_fallback:
-            if low <= cost_weight <= high:
-                return action
-        return None
-
     def _fixed_at(self, cost_weight: float) -> np.ndarray | None:
         """The one-hot probabilities of the fixed action the price fallback takes at this lambda, if any."""
-        action = self.fallback_action(cost_weight)
-        if action is None:
-            return None
-        one_hot = np.zeros(len(self.actions))
-        one_hot[action] = 1.0
-        return one_hot
+        for low, high, action in self.price_fallback:
+            if low <= cost_weight <= high:
+                one_hot = np.zeros(len(self.actions))
+                one_hot[action] = 1.0
+                return one_hot
+        return None
 
     def decide(
         self,
